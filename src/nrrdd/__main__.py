@@ -1,0 +1,3 @@
+from nrrdd.cli import main
+
+raise SystemExit(main())

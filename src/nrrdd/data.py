@@ -1,0 +1,347 @@
+"""Labelled image sets as uint8 tensors: ImageFolder trees (plain or zipped), CIFAR, embedded digits.
+
+Everything downstream sees a `Dataset` of uint8 (N, C, H, W) tensors with classes in sorted order,
+a seeded validation split carved from the training images, and the training set's mean and std.
+"""
+from __future__ import annotations
+
+import io as _io
+import os
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from nrrdd import NrrddError
+from nrrdd.io import atomic_path, sha256_bytes
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+# Files that commonly sit in data folders and are not samples.
+IGNORED_NAMES = {"README.md", "README", "LICENSE", ".DS_Store", "Thumbs.db", "manifest.json", "labels.json"}
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx) -> "Split":
+        return Split(self.images[idx], self.labels[idx])
+
+    def of_class(self, c: int) -> torch.Tensor:
+        return self.images[self.labels == c]
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train: Split  # training images minus the validation split
+    val: Split
+    test: Split
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    info: dict = field(default_factory=dict)  # source checksum, split seed and sizes: recorded in outputs
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[-1]
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[1]
+
+
+# ---------------------------------------------------------------- file trees (folder or zip)
+
+class _Tree:
+    """Uniform listing/reading of a folder or of a folder inside a zip archive."""
+
+    def __init__(self, root: str | os.PathLike):
+        root = str(root)
+        self.zip, self.prefix = None, ""
+        zpath, _, inner = root.partition(".zip")
+        if root.endswith(".zip") or (inner.startswith("/") and os.path.isfile(zpath + ".zip")):
+            zpath += ".zip"
+            if not os.path.isfile(zpath):
+                raise NrrddError(f"{zpath}: zip archive not found")
+            try:
+                self.zip = zipfile.ZipFile(zpath)
+            except zipfile.BadZipFile:
+                raise NrrddError(f"{zpath}: not a readable zip archive") from None
+            self.prefix = inner.strip("/")
+        elif not os.path.exists(root):
+            raise NrrddError(f"{root}: path not found; give a folder of class sub-folders, a .zip, or a named data set")
+        elif not os.path.isdir(root):
+            raise NrrddError(f"{root}: not a folder; expected a folder of class sub-folders")
+        self.root = root
+
+    def listdir(self, sub: str = "") -> tuple[list[str], list[str]]:
+        """(sub-folders, files) directly under `sub`, sorted."""
+        if self.zip is None:
+            base = os.path.join(self.root, sub)
+            if not os.path.isdir(base):
+                return [], []
+            entries = sorted(os.listdir(base))
+            return ([e for e in entries if os.path.isdir(os.path.join(base, e))],
+                    [e for e in entries if os.path.isfile(os.path.join(base, e))])
+        base = "/".join(p for p in (self.prefix, sub) if p)
+        base = base + "/" if base else ""
+        dirs, files = set(), set()
+        for n in self.zip.namelist():
+            if n.startswith(base) and n != base:
+                head, sep, _ = n[len(base):].partition("/")
+                (dirs if sep else files).add(head)
+        return sorted(dirs), sorted(files)
+
+    def read(self, rel: str) -> bytes:
+        if self.zip is None:
+            with open(os.path.join(self.root, rel), "rb") as f:
+                return f.read()
+        return self.zip.read("/".join(p for p in (self.prefix, rel) if p))
+
+    def stat_key(self, rels: list[str]) -> str:
+        """Cheap fingerprint of the listed files (names, sizes, times) for cache invalidation."""
+        if self.zip is None:
+            parts = [f"{r}:{(s := os.stat(os.path.join(self.root, r))).st_size}:{s.st_mtime_ns}" for r in rels]
+        else:
+            info = {i.filename: i for i in self.zip.infolist()}
+            parts = [f"{r}:{(i := info['/'.join(p for p in (self.prefix, r) if p)]).file_size}:{i.CRC}" for r in rels]
+        return sha256_bytes("\n".join(parts).encode())
+
+    def where(self, rel: str = "") -> str:
+        return os.path.join(self.root, rel) if rel else self.root
+
+
+def scan_image_folder(root) -> tuple[_Tree, list[str], list[tuple[str, int]]]:
+    """List an ImageFolder tree: (tree, sorted class names, [(relative path, label)]). Rejects bad layouts."""
+    tree = _Tree(root)
+    classes, loose = tree.listdir()
+    classes = [c for c in classes if not c.startswith(".")]
+    if not classes:
+        raise NrrddError(f"{tree.where()}: no class sub-folders found (expected <root>/<class>/<image>)")
+    items = []
+    for label, c in enumerate(classes):
+        subdirs, files = tree.listdir(c)
+        files = [f for f in files if not f.startswith(".") and f not in IGNORED_NAMES]
+        if not files:
+            raise NrrddError(f"{tree.where(c)}: class folder '{c}' holds no images; remove it or add images")
+        for f in files:
+            if Path(f).suffix.lower() not in IMAGE_EXTS:
+                raise NrrddError(f"{tree.where(c + '/' + f)}: not an image file (extension "
+                                 f"'{Path(f).suffix}'); remove it or move it out of the data folder")
+            items.append((f"{c}/{f}", label))
+    return tree, classes, items
+
+
+def decode_image(data: bytes, where: str, size: int | None, channels: int = 3) -> np.ndarray:
+    """Decode to uint8 (size, size, channels); a bad file raises one error naming it."""
+    try:
+        img = Image.open(_io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise NrrddError(f"{where}: unreadable or truncated image ({e}); remove or replace the file") from None
+    img = img.convert("RGB" if channels == 3 else "L")
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.BILINEAR)
+    arr = np.asarray(img, dtype=np.uint8)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NRRDD_CACHE", Path.home() / ".cache" / "nrrdd"))
+
+
+def load_image_folder(root, size: int | None = None, use_cache: bool = True,
+                      progress: bool = True) -> tuple[Split, list[str], dict]:
+    """Decode an ImageFolder tree to a Split. Images are resized to `size` (default: the first image's side).
+
+    Decoded arrays are cached under $NRRDD_CACHE keyed by the files' names, sizes and times,
+    so a second load takes seconds and any change to the source invalidates the cache.
+    """
+    tree, classes, items = scan_image_folder(root)
+    key = tree.stat_key([r for r, _ in items])
+    if size is None:
+        size = decode_image(tree.read(items[0][0]), tree.where(items[0][0]), None).shape[0]
+    cache = cache_dir() / f"{sha256_bytes(f'{key}:{size}'.encode())[:24]}.npz"
+    info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size}
+    if use_cache and cache.exists():
+        with np.load(cache) as z:
+            return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])), classes, info
+    images = np.empty((len(items), size, size, 3), np.uint8)
+    for i, (rel, _) in enumerate(tqdm(items, desc=f"decode {Path(tree.where()).name}", disable=not progress,
+                                      leave=False, mininterval=1.0)):
+        images[i] = decode_image(tree.read(rel), tree.where(rel), size)
+    labels = np.array([lab for _, lab in items], np.int64)
+    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    if use_cache:
+        try:
+            with atomic_path(cache) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, images=images, labels=labels)
+        except OSError:
+            pass  # a read-only or full cache location only costs speed
+    return Split(torch.from_numpy(images), torch.from_numpy(labels)), classes, info
+
+
+# ---------------------------------------------------------------- splits and statistics
+
+def carve_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic per-class split: (kept indices, carved indices), `fraction` of each class carved."""
+    g = torch.Generator().manual_seed(seed)
+    keep, carve = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n = int(round(fraction * len(idx)))
+        if fraction > 0 and n == 0 and len(idx) > 1:
+            n = 1
+        carve.append(idx[:n])
+        keep.append(idx[n:])
+    return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(carve)).values
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    x = images.double() / 255
+    mean = x.mean(dim=(0, 2, 3))
+    std = ((x - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3)).sqrt()
+    return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
+
+
+# ---------------------------------------------------------------- named data sets
+
+def _shared_roots() -> list[Path]:
+    env = os.environ.get("NRRDD_DATA")
+    roots = [Path(env)] if env else []
+    return roots + [Path.cwd() / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
+
+
+def resolve_named(name: str) -> str:
+    """Where a named data set (cifar10, cifar100) lives: $NRRDD_DATA, ./shared/datasets or ../shared/datasets."""
+    rel = {"cifar10": "cifar10", "cifar100": "cifar100/cifar100.zip/cifar100"}[name]
+    for root in _shared_roots():
+        first = root / rel.split(".zip")[0] if ".zip" in rel else root / rel
+        if (first.with_suffix(".zip") if ".zip" in rel else first).exists():
+            return str(root / rel)
+    raise NrrddError(f"data set '{name}' not found under {', '.join(map(str, _shared_roots()))}; "
+                     "set NRRDD_DATA to the folder that holds it")
+
+
+def digits_splits(size: int = 32) -> tuple[Split, Split, list[str]]:
+    """scikit-learn's 8x8 digits (1,797 images, shipped inside the package): a demo set with no download.
+
+    Upsampled bilinearly to `size` and replicated to 3 channels so every model sees the same input shape;
+    a fixed 20% per class is the test split.
+    """
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = torch.from_numpy(d.images).float()[:, None] / 16.0
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    y = torch.from_numpy(d.target).long()
+    train_idx, test_idx = carve_split(y, 0.2, seed=12345)
+    return Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx]), [str(i) for i in range(10)]
+
+
+def load_dataset(spec: str, image_size: int | None = None, val_fraction: float = 0.1, split_seed: int = 0,
+                 progress: bool = True) -> Dataset:
+    """Load `spec`: 'digits', 'cifar10', 'cifar100', or a path holding train/ and test/ ImageFolder trees."""
+    if spec == "digits":
+        full, test, classes = digits_splits(image_size or 32)
+        info = {"source": "sklearn.datasets.load_digits"}
+    elif spec.endswith(".npz"):
+        full, test, classes, info = load_arrays(spec)
+    else:
+        root = resolve_named(spec) if spec in ("cifar10", "cifar100") else spec
+        tree = _Tree(root)
+        subs, _ = tree.listdir()
+        if not {"train", "test"} <= set(subs):
+            raise NrrddError(f"{tree.where()}: expected 'train' and 'test' sub-folders, found {subs or 'none'}")
+        full, classes, info = load_image_folder(os.path.join(root, "train"), image_size, progress=progress)
+        test, test_classes, test_info = load_image_folder(os.path.join(root, "test"), full.images.shape[-1],
+                                                          progress=progress)
+        if test_classes != classes:
+            only = sorted(set(classes) ^ set(test_classes))
+            raise NrrddError(f"{tree.where()}: train and test class folders differ (only in one: {only}); "
+                             "both splits need the same classes")
+        info = {"train": info, "test": test_info}
+    keep, val = carve_split(full.labels, val_fraction, split_seed)
+    train = full.subset(keep)
+    mean, std = channel_stats(train.images)
+    info.update(val_fraction=val_fraction, split_seed=split_seed,
+                sizes={"train": len(keep), "val": len(val), "test": len(test)})
+    return Dataset(spec, classes, train, full.subset(val), test, mean, std, info)
+
+
+def save_arrays(path, spec: str, image_size: int | None = None) -> None:
+    """Both splits of a data set as one uint8 .npz: a portable copy for machines without the source folders."""
+    ds = load_dataset(spec, image_size, val_fraction=0.0)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, train_images=ds.train.images.numpy(), train_labels=ds.train.labels.numpy(),
+                                test_images=ds.test.images.numpy(), test_labels=ds.test.labels.numpy(),
+                                classes=np.array(ds.classes))
+
+
+def load_arrays(path) -> tuple[Split, Split, list[str], dict]:
+    if not os.path.isfile(path):
+        raise NrrddError(f"{path}: array file not found")
+    with np.load(path) as z:
+        missing = {"train_images", "train_labels", "test_images", "test_labels", "classes"} - set(z.files)
+        if missing:
+            raise NrrddError(f"{path}: not an nrrdd array file (lacks {sorted(missing)})")
+        train = Split(torch.from_numpy(z["train_images"]), torch.from_numpy(z["train_labels"]).long())
+        test = Split(torch.from_numpy(z["test_images"]), torch.from_numpy(z["test_labels"]).long())
+        return train, test, [str(c) for c in z["classes"]], {"source": str(path)}
+
+
+def load_classes_only(spec: str) -> list[str]:
+    """Class names of a data set without decoding it."""
+    if spec == "digits":
+        return [str(i) for i in range(10)]
+    root = resolve_named(spec) if spec in ("cifar10", "cifar100") else spec
+    return scan_image_folder(os.path.join(root, "train"))[1]
+
+
+# ---------------------------------------------------------------- tensors on the device
+
+def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (or [0,1] float) images -> normalised float, on the images' device."""
+    x = x_uint8.float() / 255 if x_uint8.dtype == torch.uint8 else x_uint8
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x * s + m
+
+
+def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Batched pad-and-crop plus horizontal flip, one draw per image, on the tensor's own device."""
+    n, _, h, w = x.shape
+    dev = x.device
+    if pad:
+        xp = F.pad(x, (pad,) * 4, mode="reflect")
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev)[None])  # (n, h)
+        cols = (dx[:, None] + torch.arange(w, device=dev)[None])  # (n, w)
+        x = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None],
+               rows[:, None, :, None], cols[:, None, None, :]]
+    flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)

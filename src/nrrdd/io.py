@@ -1,0 +1,168 @@
+"""Files that survive crashes: atomic writes, manifests, checksums, provenance, device choice."""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nrrdd import NrrddError, __version__
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds.
+
+    A crash or a full disk leaves the old file (or none), never a partial one that looks valid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno == 28:
+            raise NrrddError(f"disk full while writing {path}: free some space and rerun with --resume") from e
+        raise
+
+
+def write_bytes(path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_json(path, obj) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer, np.floating)):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_json(path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise NrrddError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise NrrddError(f"{path}: not valid JSON ({e})") from None
+
+
+def sha256_file(path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def provenance() -> dict:
+    """What a reader needs to rerun an output: code version, command, machine."""
+    try:
+        r = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent, timeout=5)
+        commit = r.stdout.strip() if r.returncode == 0 else None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    import torchvision
+    return {
+        "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty,
+        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+        "numpy": np.__version__, "machine": platform.node(), "processor": platform.machine(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
+    }
+
+
+def write_manifest(out_dir, extra: dict) -> dict:
+    """Checksum every file in `out_dir` and write the manifest last: its presence marks the folder complete."""
+    out_dir = Path(out_dir)
+    files = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    manifest = {**extra, "files": files}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def verify_dir(out_dir) -> list[str]:
+    """Problems found comparing `out_dir` against its manifest (empty list: all good)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST).exists():
+        return [f"{out_dir}: no {MANIFEST} (incomplete or not an nrrdd output)"]
+    want = read_json(out_dir / MANIFEST).get("files", {})
+    have = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
+            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    problems = [f"missing: {f}" for f in sorted(set(want) - have)]
+    problems += [f"extra: {f}" for f in sorted(have - set(want))]
+    problems += [f"changed: {f}" for f in sorted(set(want) & have) if sha256_file(out_dir / f) != want[f]]
+    return problems
+
+
+def prepare_out_dir(out_dir, overwrite: bool = False, resume: bool = False) -> Path:
+    """Refuse to mix two runs in one folder unless the user says how (--overwrite or --resume)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
+        raise NrrddError(f"{out_dir} already holds files from another run: pass --resume to continue it, "
+                         "--overwrite to replace it, or choose another --out")
+    if overwrite and not resume and out_dir.exists():
+        import shutil
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise NrrddError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dev
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    """Stop on NaN/inf rather than training on garbage; the caller's last checkpoint stays intact."""
+    if not torch.isfinite(loss).all():
+        raise NrrddError(f"non-finite loss ({loss.detach().flatten()[0].item()}) at {where}; the last good "
+                         "checkpoint is kept: lower the learning rate and rerun with --resume")

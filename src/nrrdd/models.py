@@ -1,0 +1,136 @@
+"""Model registry. Every model is a `Net`: features -> (optional global pooling) -> one linear classifier,
+so that CAM (Eq. 1) is the classifier's weights applied to the last feature maps for any architecture."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from nrrdd import NrrddError
+
+_REGISTRY: dict[str, Callable[..., "Net"]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' registered twice")
+        _REGISTRY[name] = fn
+        return fn
+    return deco
+
+
+def model_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int, image_size: int = 32, channels: int = 3, **kw) -> "Net":
+    if name not in _REGISTRY:
+        raise NrrddError(f"unknown model '{name}'; registered models: {', '.join(model_names())}")
+    return _REGISTRY[name](num_classes=num_classes, image_size=image_size, channels=channels, **kw)
+
+
+class Net(nn.Module):
+    """features (B, K, h, w) -> pool -> classifier. `pooled=False` means a linear head on the flattened map."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Linear, pooled: bool, dropout: float = 0.0):
+        super().__init__()
+        self.features, self.classifier, self.pooled = features, classifier, pooled
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
+    def embed(self, f: torch.Tensor) -> torch.Tensor:
+        return (f.mean(dim=(2, 3)) if self.pooled else f.flatten(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.embed(self.features(x))))
+
+    def cam_weights(self, feature_shape: torch.Size) -> torch.Tensor:
+        """(num_classes, K, h, w) weights with logit_y = sum(W[y] * F) (+ bias): Eq. 1 for either head."""
+        k, h, w = feature_shape[-3:]
+        W = self.classifier.weight
+        return W.view(-1, k, h, w) if not self.pooled else (W / (h * w)).view(-1, k, 1, 1)
+
+
+# ---------------------------------------------------------------- ConvNet-D (DC/RDED family)
+
+def _norm(kind: str, width: int, size: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(width)
+    if kind == "instance":
+        return nn.GroupNorm(width, width, affine=True)  # instance norm with affine, as in the DC benchmark
+    if kind == "none":
+        return nn.Identity()
+    raise NrrddError(f"unknown norm '{kind}' (batch, instance, none)")
+
+
+def convnet(depth: int, num_classes: int, image_size: int, channels: int, width: int = 128,
+            norm: str = "batch") -> Net:
+    if image_size % (2 ** depth):
+        raise NrrddError(f"convnet{depth} needs an image size divisible by {2 ** depth}, got {image_size}")
+    layers, c = [], channels
+    for _ in range(depth):
+        layers += [nn.Conv2d(c, width, 3, padding=1), _norm(norm, width, image_size), nn.ReLU(inplace=True),
+                   nn.AvgPool2d(2)]
+        c = width
+    side = image_size // 2 ** depth
+    return Net(nn.Sequential(*layers), nn.Linear(width * side * side, num_classes), pooled=False)
+
+
+for _d in (3, 4, 5, 6):
+    register(f"convnet{_d}")(lambda _d=_d, **kw: convnet(_d, **kw))
+
+
+@register("convnet")
+def convnet_auto(num_classes, image_size, channels, **kw):
+    """ConvNet whose depth suits the resolution (the DC convention): 32 -> 3, 64 -> 4, 128 -> 5, 256 -> 6."""
+    depth = {32: 3, 64: 4, 128: 5, 256: 6}.get(image_size)
+    if depth is None:
+        raise NrrddError(f"convnet: no standard depth for {image_size} px; name convnet3..convnet6 explicitly")
+    return convnet(depth, num_classes, image_size, channels, **kw)
+
+
+# ---------------------------------------------------------------- ResNets and torchvision models
+
+def _resnet(arch: str, num_classes: int, channels: int, cifar: bool) -> Net:
+    m = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if cifar:  # the "modified" ResNet of RDED/SRe2L: 3x3 stride-1 stem, no max-pool
+        m.conv1 = nn.Conv2d(channels, 64, 3, 1, 1, bias=False)
+        m.maxpool = nn.Identity()
+    elif channels != 3:
+        m.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    feats = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
+    return Net(feats, m.fc, pooled=True)
+
+
+@register("resnet18")
+def resnet18(num_classes, image_size, channels, **_):
+    """CIFAR-style ResNet-18 for inputs up to 64 px; ImageNet-style (7x7 stem, max-pool) above."""
+    return _resnet("resnet18", num_classes, channels, cifar=image_size <= 64)
+
+
+@register("resnet101")
+def resnet101(num_classes, image_size, channels, **_):
+    return _resnet("resnet101", num_classes, channels, cifar=image_size <= 64)
+
+
+@register("resnet18_imagenet")
+def resnet18_imagenet(num_classes, image_size, channels, **_):
+    return _resnet("resnet18", num_classes, channels, cifar=False)
+
+
+@register("mobilenet_v2")
+def mobilenet_v2(num_classes, image_size, channels, **_):
+    m = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
+    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
+
+
+@register("efficientnet_b0")
+def efficientnet_b0(num_classes, image_size, channels, **_):
+    m = torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes)
+    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
