@@ -27,6 +27,58 @@ def cmd_train_teacher(a) -> int:
     return 0
 
 
+def cmd_distill(a) -> int:
+    from nrrdd.distill import distill
+    from nrrdd.synth import SynthConfig, preset_config
+    cfg = preset_config(a.preset, load_config_file(a.config) if a.config else None, a)
+    r = distill(a.data, a.teacher, cfg, a.out, preset=a.preset, device=a.device, resume=a.resume,
+                overwrite=a.overwrite, progress=not a.quiet)
+    t = r["timings"]
+    print(f"{a.preset}: {len(r['images'])} images ({r['ipc']} per class) in {t['total_s']:.0f} s "
+          f"(select {t['select_s']:.0f} s, refine {t['refine_s']:.0f} s) -> {a.out}")
+    return 0
+
+
+def _student_cfg(a):
+    from nrrdd.config import build_config
+    from nrrdd.evaluate import StudentConfig
+    return build_config(StudentConfig, load_config_file(a.config) if a.config else None, a)
+
+
+def cmd_evaluate(a) -> int:
+    from nrrdd.evaluate import evaluate
+    cfg = _student_cfg(a)
+    r = evaluate(a.distilled, cfg, a.out, teacher_path=a.teacher, labels_dir=a.labels, device=a.device,
+                 resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    lab = r["labels"]
+    extra = f"  labels {lab['payload_bytes']} B ({lab['ratio_vs_sl']}x smaller than SL)" if lab else ""
+    print(f"{cfg.student} / {cfg.label_mode}: test {r['test_mean']:.2f} +- {r['test_std']:.2f}  "
+          f"val {r['val_mean']:.2f} +- {r['val_std']:.2f}  over seeds {r['seeds']}{extra} -> {a.out}/results.json")
+    return 0
+
+
+def cmd_relabel(a) -> int:
+    from nrrdd.checkpoint import load_model
+    from nrrdd.evaluate import STORED_MODES, load_distilled, plan_spec, store_labels
+    from nrrdd.io import pick_device, prepare_out_dir, write_json, write_manifest
+    cfg = _student_cfg(a)
+    if cfg.label_mode not in STORED_MODES:
+        raise NrrddError(f"--label-mode {cfg.label_mode}: relabel stores {', '.join(STORED_MODES)}")
+    dev = pick_device(a.device)
+    split, classes, record = load_distilled(a.distilled)
+    teacher, meta = load_model(a.teacher, classes=classes, device=dev)
+    out = prepare_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
+    spec = plan_spec(cfg, len(split), record.get("ipc") or len(split) // len(classes), len(classes),
+                     split.images.shape[-1])
+    info = store_labels(out, teacher, split.images.to(dev), split.labels.to(dev), spec, cfg, meta["mean"],
+                        meta["std"], progress=not a.quiet)
+    write_json(out / "labels.json", {"distilled": a.distilled, "teacher": a.teacher, "config": vars(cfg), **info})
+    write_manifest(out, {"kind": "labels", "mode": cfg.label_mode})
+    print(f"{cfg.label_mode}: {info['payload_bytes']} B payload ({info['ratio_vs_sl']}x smaller than soft labels), "
+          f"{info['bookkeeping_bytes']} B plan -> {a.out}")
+    return 0
+
+
 def cmd_models(a) -> int:
     from nrrdd.models import model_names
     print("\n".join(model_names()))
@@ -67,6 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(s, TeacherConfig, "teacher recipe")
     _common(s)
     s.set_defaults(fn=cmd_train_teacher)
+
+    from nrrdd.synth import PRESETS, SynthConfig
+    s = sub.add_parser("distill", help="synthesise a distilled set (PNG class folders + manifest + pictures)",
+                       description="Select and stitch real patches (CIDD/RDED), refine them (NRR/SRe2L) and write "
+                       "images/<class>/*.png, synthetic.safetensors, config.json, distill.json, pictures/ and "
+                       "manifest.json. Presets: " + "; ".join(f"{k}: {v or 'defaults'}" for k, v in PRESETS.items()))
+    s.add_argument("--data", required=True, help="digits, cifar10, cifar100, or a folder with train/ and test/")
+    s.add_argument("--teacher", required=True, help="teacher .safetensors (from train-teacher)")
+    s.add_argument("--preset", default="nrrdd", help=f"method preset: {', '.join(PRESETS)} (default: nrrdd)")
+    add_config_args(s, SynthConfig, "synthesis (overrides the preset)")
+    _common(s)
+    s.set_defaults(fn=cmd_distill)
+
+    from nrrdd.evaluate import StudentConfig
+    for name, fn, helptext in (
+            ("evaluate", cmd_evaluate, "train students from scratch on a distilled set; report test accuracy over seeds"),
+            ("relabel", cmd_relabel, "store teacher labels (soft, DBR distances, top-k) for a distilled set")):
+        s = sub.add_parser(name, help=helptext, description=helptext + ". The label plan (batches, crops, flips, "
+                           "mixes) is drawn from --plan-seed, so relabel and evaluate see identical mixed samples.")
+        s.add_argument("--distilled", required=True, help="nrrdd distill output, or any ImageFolder of images")
+        s.add_argument("--teacher", help="teacher .safetensors (default: the one recorded in the distilled set)")
+        if name == "evaluate":
+            s.add_argument("--labels", help="folder written by nrrdd relabel (stored modes; default: relabel here)")
+        add_config_args(s, StudentConfig, "student recipe and labels")
+        _common(s)
+        s.set_defaults(fn=fn)
 
     s = sub.add_parser("models", help="list registered model names")
     s.set_defaults(fn=cmd_models)

@@ -175,7 +175,9 @@ def load_image_folder(root, size: int | None = None, use_cache: bool = True,
     key = tree.stat_key([r for r, _ in items])
     if size is None:
         size = decode_image(tree.read(items[0][0]), tree.where(items[0][0]), None).shape[0]
-    cache = cache_dir() / f"{sha256_bytes(f'{key}:{size}'.encode())[:24]}.npz"
+    # the source path is part of the key: look-alike trees (train/ and test/ unpacked from one archive, with
+    # the same names, sizes and times) must not share a cache entry
+    cache = cache_dir() / f"{sha256_bytes(f'{os.path.abspath(tree.where())}:{key}:{size}'.encode())[:24]}.npz"
     info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size}
     if use_cache and cache.exists():
         with np.load(cache) as z:

@@ -1,0 +1,103 @@
+"""`nrrdd distill`: teacher + data + preset -> a distilled ImageFolder with config, provenance and pictures."""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nrrdd import NrrddError
+from nrrdd.checkpoint import load_model
+from nrrdd.data import Dataset, load_dataset
+from nrrdd.io import (MANIFEST, atomic_path, pick_device, prepare_out_dir, provenance, read_json, sha256_file,
+                      write_json, write_manifest)
+from nrrdd.synth import SynthConfig, config_dict, initial_images, refine_images, refinement_masks, to_uint8
+from nrrdd.viz import image_grid, refinement_panel, save_png
+
+IMAGES = "images"
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    mem = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if device.type == "cuda":
+        mem["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return mem
+
+
+def image_name(classes: list[str], c: int, i: int) -> str:
+    return f"{IMAGES}/{classes[c]}/{i:04d}.png"
+
+
+def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset: str = "custom",
+            device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them."""
+    out = Path(out_dir)
+    if resume and (out / MANIFEST).exists():
+        return read_json(out / "distill.json")  # finished earlier: nothing to recompute
+    out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
+    dev = pick_device(device)
+    t0 = time.time()
+    ds = data if isinstance(data, Dataset) else load_dataset(data, progress=progress)
+    teacher, meta = load_model(teacher_path, classes=ds.classes, device=dev)
+    if meta["image_size"] != ds.image_size:
+        raise NrrddError(f"{teacher_path}: teacher expects {meta['image_size']} px images, the data has "
+                         f"{ds.image_size} px")
+    mean, std = meta["mean"], meta["std"]
+    timings = {"load_s": round(time.time() - t0, 2)}
+    work = out / ".work"
+    work.mkdir(exist_ok=True)
+
+    # ---- stage 1: initial images (CIDD / RDED / noise / random)
+    t = time.time()
+    init_file = work / "init.safetensors"
+    if init_file.exists():
+        saved = load_file(str(init_file))
+        x0, y = saved["x"].to(dev), saved["y"]
+        records = json.loads((work / "selection.json").read_text())
+    else:
+        x0, y, records = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, progress)
+        with atomic_path(work / "selection.json") as tmp:
+            tmp.write_text(json.dumps(records))
+        with atomic_path(init_file) as tmp:
+            save_file({"x": x0.cpu().contiguous(), "y": y}, str(tmp))
+    timings["select_s"] = round(time.time() - t, 2)
+
+    # ---- stage 2: refinement (none / masked / all)
+    t = time.time()
+    x, cam = refine_images(teacher, x0, y.to(dev), cfg, mean, std, work_dir=work, progress=progress)
+    timings["refine_s"] = round(time.time() - t, 2)
+
+    # ---- stage 3: write images, labels, pictures, manifest
+    t = time.time()
+    images, before = to_uint8(x, mean, std).cpu(), to_uint8(x0, mean, std).cpu()
+    counts = [0] * ds.num_classes
+    names = []
+    for img, c in zip(images, y.tolist()):
+        names.append(image_name(ds.classes, c, counts[c]))
+        save_png(out / names[-1], img)
+        counts[c] += 1
+    with atomic_path(out / "synthetic.safetensors") as tmp:  # exact float images, before PNG quantisation
+        save_file({"images": x.cpu().contiguous(), "labels": y.cpu()}, str(tmp))
+    write_json(out / "selection.json", records)
+    image_grid(out / "pictures" / "grid.png", images, y, ds.classes)
+    show = torch.stack([torch.nonzero(y == c)[0, 0] for c in range(min(ds.num_classes, 6))])
+    mask, _ = refinement_masks(teacher, x0[show.to(dev)], y[show].to(dev), cfg)
+    refinement_panel(out / "pictures" / "refinement.png", before[show], images[show], cam[show].cpu(),
+                     mask[:, 0].cpu(), [ds.classes[int(c)] for c in y[show]])
+    timings["write_s"] = round(time.time() - t, 2)
+    timings["total_s"] = round(time.time() - t0, 2)
+    record = {"kind": "distilled", "preset": preset, "config": config_dict(cfg), "seed": cfg.seed,
+              "classes": ds.classes, "ipc": cfg.ipc, "images": names, "mean": mean, "std": std,
+              "teacher": {"path": str(teacher_path), "sha256": sha256_file(teacher_path), "arch": meta["arch"],
+                          "test_acc": meta.get("test_acc")},
+              "data": {"spec": ds.name, **ds.info}, "timings": timings, "memory": peak_memory_mb(dev),
+              **provenance()}
+    write_json(out / "config.json", config_dict(cfg))
+    write_json(out / "distill.json", record)
+    shutil.rmtree(work)
+    write_manifest(out, {"kind": "distilled", "preset": preset})
+    return record
