@@ -36,8 +36,13 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
             device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them."""
     out = Path(out_dir)
+    settings = json.loads(json.dumps(config_dict(cfg)))  # as it reads back from JSON
     if resume and (out / MANIFEST).exists():
-        return read_json(out / "distill.json")  # finished earlier: nothing to recompute
+        record = read_json(out / "distill.json")
+        if record.get("config") != settings:
+            raise NrrddError(f"{out}: finished with other synthesis settings than these; pass --overwrite to "
+                             "replace it or choose another --out")
+        return record  # finished earlier: nothing to recompute
     out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     dev = pick_device(device)
     t0 = time.time()
@@ -50,6 +55,9 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     timings = {"load_s": round(time.time() - t0, 2)}
     work = out / ".work"
     work.mkdir(exist_ok=True)
+    if (work / "config.json").exists() and json.loads((work / "config.json").read_text()) != settings:
+        raise NrrddError(f"{out}: the unfinished run there used other synthesis settings; resume it with the same "
+                         "settings, or pass --overwrite to start again")
 
     # ---- stage 1: initial images (CIDD / RDED / noise / random)
     t = time.time()
@@ -60,6 +68,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
         records = json.loads((work / "selection.json").read_text())
     else:
         x0, y, records = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, progress)
+        write_json(work / "config.json", settings)  # what a later --resume of this work must match
         with atomic_path(work / "selection.json") as tmp:
             tmp.write_text(json.dumps(records))
         with atomic_path(init_file) as tmp:

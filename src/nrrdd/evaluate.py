@@ -163,8 +163,13 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
 def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_dir=None, device="auto",
              resume=False, overwrite=False, progress=True, data=None) -> dict:
     out = Path(out_dir)
+    settings = json.loads(json.dumps(asdict(cfg)))  # as it reads back from JSON
     if resume and (out / "results.json").exists() and (out / "manifest.json").exists():
-        return read_json(out / "results.json")
+        results = read_json(out / "results.json")
+        if results.get("config") != settings:
+            raise NrrddError(f"{out}: finished with another student recipe than this one; pass --overwrite to "
+                             "replace it or choose another --out")
+        return results
     out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     t0 = time.time()
     dev = pick_device(device)
@@ -181,6 +186,11 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     ipc = record.get("ipc") or math.ceil(len(split) / len(classes))
     spec = plan_spec(cfg, len(split), ipc, len(classes), split.images.shape[-1])
     images, labels = split.images.to(dev), split.labels.to(dev)
+    run_file = out / ".evaluate_config.json"  # present while unfinished: a --resume must use the same recipe
+    if run_file.exists() and read_json(run_file) != settings:
+        raise NrrddError(f"{out}: the unfinished evaluation there used another student recipe; resume it with the "
+                         "same settings, or pass --overwrite to start again")
+    write_json(run_file, settings)
 
     payload, labels_info = None, {}
     if cfg.label_mode in STORED_MODES:
@@ -224,5 +234,6 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
                "test_std": test_std, "val_mean": val_mean, "val_std": val_std, "labels": labels_info,
                "distilled_config": record.get("config"), "wall_time_s": round(time.time() - t0, 1), **provenance()}
     write_json(out / "results.json", results)
+    run_file.unlink()
     write_manifest(out, {"kind": "evaluation"})
     return results

@@ -120,16 +120,23 @@ def resnet18_imagenet(num_classes, image_size, channels, **_):
     return _resnet("resnet18", num_classes, channels, cifar=False)
 
 
+def _torchvision_net(m: nn.Module, channels: int) -> Net:
+    """MobileNet / EfficientNet: features[0][0] is the stem conv, classifier = Dropout + Linear."""
+    stem = m.features[0][0]
+    if channels != stem.in_channels:
+        m.features[0][0] = nn.Conv2d(channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
+                                     bias=False)
+    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
+
+
 @register("mobilenet_v2")
 def mobilenet_v2(num_classes, image_size, channels, **_):
-    m = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes)
-    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
+    return _torchvision_net(torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes), channels)
 
 
 @register("efficientnet_b0")
 def efficientnet_b0(num_classes, image_size, channels, **_):
-    m = torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes)
-    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
+    return _torchvision_net(torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes), channels)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -15,8 +15,8 @@ from tqdm import tqdm
 from nrrdd.checkpoint import save_model
 from nrrdd.config import help_field, to_dict
 from nrrdd.data import Dataset, Split, load_dataset, normalize, random_crop_flip
-from nrrdd.io import (atomic_path, check_finite, pick_device, prepare_out_dir, provenance, seed_everything,
-                      write_json, write_manifest)
+from nrrdd.io import (atomic_path, check_finite, pick_device, prepare_out_dir, provenance, read_json,
+                      seed_everything, write_json, write_manifest)
 from nrrdd.models import create_model
 
 
@@ -107,6 +107,8 @@ class TrainState:
 def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: bool = False, overwrite: bool = False,
                   data: Dataset | None = None, progress: bool = True) -> dict:
     """Train a teacher on the training split; pick nothing by test accuracy; write teacher.safetensors + results."""
+    if resume and (Path(out_dir) / "manifest.json").exists():
+        return read_json(Path(out_dir) / "results.json")  # finished earlier: never retrain over it
     t0 = time.time()
     out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     dev = pick_device(device)

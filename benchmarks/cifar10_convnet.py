@@ -1,0 +1,207 @@
+"""CIFAR-10 / ConvNet-3 benchmark: a validation search for the settings the paper leaves open, then the grid of
+presets x label modes x IPC, all with the committed teacher. Resumable: a finished cell is never recomputed.
+
+    python benchmarks/cifar10_convnet.py search --workers 12     # choose settings on the validation split
+    python benchmarks/cifar10_convnet.py grid --workers 12       # every cell, 3 seeds, using the chosen settings
+    python benchmarks/cifar10_convnet.py summary                 # markdown table + plot from committed cells
+
+Selection uses only `val_mean` (5,000 training images held out, never distilled from); test accuracy is
+recorded but never read by this script's choices.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+# Environment overrides exist for the smoke test (tests/test_benchmark.py): tiny data, teacher and budgets.
+RESULTS = Path(os.environ.get("BENCH_RESULTS", REPO / "benchmarks" / "results" / "cifar10_convnet"))
+WORK = Path(os.environ.get("BENCH_WORK", REPO / "runs" / "bench"))
+TEACHER = Path(os.environ.get("BENCH_TEACHER", REPO / "teachers" / "cifar10_convnet3.safetensors"))
+DATA = os.environ.get("BENCH_DATA", "cifar10")
+SMOKE = json.loads(os.environ.get("BENCH_SMOKE", "{}"))  # e.g. {"synth": {"iterations": 2}, "student": {"epochs": 1}}
+
+
+# ---------------------------------------------------------------- jobs (run in worker processes)
+
+def distill_job(name: str, preset: str, overrides: dict, device: str) -> str:
+    from nrrdd.distill import distill
+    from nrrdd.synth import preset_config
+    out = WORK / "distilled" / name
+    distill(DATA, TEACHER, preset_config(preset, overrides, SMOKE.get("synth")), out, preset=preset, device=device, resume=True,
+            progress=False)
+    return str(out)
+
+
+def eval_job(cell: str, distilled: str, student: dict, dest: str, device: str) -> dict:
+    from nrrdd.evaluate import StudentConfig, evaluate
+    from nrrdd.io import write_json
+    r = evaluate(distilled, StudentConfig(**{**student, **SMOKE.get("student", {})}), WORK / "eval" / cell, device=device, resume=True,
+                 progress=False)
+    write_json(dest, r)
+    return r
+
+
+_POOL: ProcessPoolExecutor | None = None
+
+
+def run_all(jobs: list[tuple], workers: int) -> list:
+    """Run (fn, args) jobs on one spawn pool kept for the whole script (workers import torch once);
+    a failed job is reported and the others carry on."""
+    global _POOL
+    if workers <= 1:
+        return [fn(*args) for fn, args in jobs]
+    _POOL = _POOL or ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
+    out = []
+    futs = {_POOL.submit(fn, *args): args for fn, args in jobs}
+    for f in as_completed(futs):
+        try:
+            out.append(f.result())
+        except Exception as e:  # keep the grid going; the missing cell shows in the summary
+            print(f"FAILED {futs[f][0]}: {type(e).__name__}: {e}", flush=True)
+    return out
+
+
+def distill_name(preset: str, ipc: int, overrides: dict) -> str:
+    extra = "_".join(f"{k}{v}" for k, v in sorted(overrides.items()) if k != "ipc")
+    return f"{preset}_ipc{ipc}" + (f"_{extra}" if extra else "")
+
+
+def evaluate_cells(cells: list[dict], workers: int, device: str) -> list[dict]:
+    """cells: {id, preset, overrides, student, dest}. Distils what is missing, then evaluates what is missing."""
+    todo = [c for c in cells if not Path(c["dest"]).exists()]
+    sets = {distill_name(c["preset"], c["overrides"]["ipc"], c["overrides"]): c for c in todo}
+    run_all([(distill_job, (n, c["preset"], c["overrides"], device)) for n, c in sets.items()], workers)
+    run_all([(eval_job, (c["id"], str(WORK / "distilled" / distill_name(c["preset"], c["overrides"]["ipc"],
+                                                                           c["overrides"])),
+                         c["student"], c["dest"], device)) for c in todo], workers)
+    return [json.loads(Path(c["dest"]).read_text()) for c in cells if Path(c["dest"]).exists()]
+
+
+# ---------------------------------------------------------------- search (validation only)
+
+def best(trials: list[dict], keys: list[str]) -> dict:
+    top = max(trials, key=lambda r: r["val_mean"])
+    return {k: top["_params"][k] for k in keys}
+
+
+def search(workers: int, device: str, seeds: int) -> dict:
+    """Coordinate-wise search at IPC 10 with soft labels; each round keeps the best validation accuracy."""
+    chosen = {}
+    rounds = [
+        ("init", {"select": ["highest", "lowest"], "crop_score": ["cam_ratio", "cam_mean"], "refine": ["none"]}),
+        ("mask", {"epsilon": [0.3, 0.5, 0.7], "lr": [0.01, 0.05, 0.2], "refine": ["masked"]}),
+        ("refine_aug", {"refine_crop_min": [0.5, 1.0], "alpha_bn": [0.0, 0.01, 0.1], "iterations": [300]}),
+        ("label_refine", {"alpha_lr": [0.0, 0.1, 1.0], "lr_threshold": [0.3, 0.6931]}),
+    ]
+    log = []
+    for name, grid in rounds:
+        keys = list(grid)
+        cells = []
+        for values in itertools.product(*grid.values()):
+            params = {**chosen, **dict(zip(keys, values)), "ipc": 10}
+            tid = f"search_{name}_" + "_".join(f"{k}{v}" for k, v in zip(keys, values))
+            cells.append({"id": tid, "preset": "nrrdd", "overrides": params, "_params": params,
+                          "student": {"seeds": seeds, "data": DATA}, "dest": str(RESULTS / "search" / f"{tid}.json")})
+        results = evaluate_cells(cells, workers, device)
+        for c, r in zip([c for c in cells if Path(c["dest"]).exists()], results):
+            r["_params"] = c["_params"]
+        # "none" refinement rounds must not fix refine=none for later rounds
+        winner = best(results, [k for k in keys if k != "refine"])
+        chosen.update(winner)
+        log.append({"round": name, "grid": grid, "trials": [{"params": r["_params"], "val_mean": r["val_mean"],
+                                                              "val_std": r["val_std"]} for r in results],
+                    "chosen": winner})
+        print(f"round {name}: chosen {winner} (val {max(r['val_mean'] for r in results):.2f})", flush=True)
+    # Student side: DBR weight and threshold, on the images chosen above.
+    cells = []
+    for a_dbr, r in itertools.product([0.1, 1.0, 10.0], [0.3, 0.6931]):
+        tid = f"search_dbr_alpha{a_dbr}_r{r}"
+        cells.append({"id": tid, "preset": "nrrdd", "overrides": {**chosen, "ipc": 10},
+                      "student": {"seeds": seeds, "data": DATA, "label_mode": "dbr", "alpha_dbr": a_dbr, "r": r},
+                      "dest": str(RESULTS / "search" / f"{tid}.json"), "_params": {"alpha_dbr": a_dbr, "r": r}})
+    results = evaluate_cells(cells, workers, device)
+    top = max(results, key=lambda x: x["val_mean"])
+    student = {"alpha_dbr": top["config"]["alpha_dbr"], "r": top["config"]["r"]}
+    log.append({"round": "dbr", "trials": [{"params": {"alpha_dbr": x["config"]["alpha_dbr"], "r": x["config"]["r"]},
+                                             "val_mean": x["val_mean"], "val_std": x["val_std"]} for x in results],
+                "chosen": student})
+    out = {"synth": chosen, "student_dbr": student, "rounds": log, "selection": "max val_mean (5,000 held-out "
+           "training images); test accuracy never consulted", "seeds_per_trial": seeds}
+    (RESULTS / "chosen.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+# ---------------------------------------------------------------- grid
+
+def grid_cells(chosen: dict, ipcs: list[int], students: list[str]) -> list[dict]:
+    synth = chosen.get("synth", {})
+    dbr = chosen.get("student_dbr", {})
+    cells = []
+    for ipc in ipcs:
+        rows = [(p, "sl-online") for p in ("random", "rded", "sre2l", "cidd", "nrrdd")]
+        rows += [(p, m) for p in ("nrrdd", "nrrdd-lr") for m in ("dbr", "onehot", "compact")]
+        rows += [("nrrdd-lr", "sl-online")]
+        for student in students:
+            for preset, mode in rows:
+                if student != "convnet3" and mode != "sl-online":
+                    continue
+                ov = {"ipc": ipc}
+                if preset in ("nrrdd", "nrrdd-lr", "cidd"):
+                    ov.update({k: v for k, v in synth.items() if preset != "cidd" or k in ("select", "crop_score")})
+                    if preset == "nrrdd":
+                        ov["alpha_lr"] = 0.0
+                    if preset == "nrrdd-lr" and not synth.get("alpha_lr"):
+                        ov["alpha_lr"] = 0.1
+                st = {"seeds": 3, "data": DATA, "label_mode": mode, "student": student,
+                      **(dbr if mode == "dbr" else {})}
+                cid = f"ipc{ipc}_{preset}_{mode}_{student}"
+                cells.append({"id": cid, "preset": preset, "overrides": ov, "student": st,
+                              "dest": str(RESULTS / "cells" / f"{cid}.json")})
+    return cells
+
+
+def summary() -> None:
+    from nrrdd.report import accuracy_plot, markdown_table, PAPER_LABELS_IMAGENETTE
+    results = [json.loads(p.read_text()) for p in sorted((RESULTS / "cells").glob("*.json"))]
+    table = markdown_table(results)
+    (RESULTS.parent / "cifar10_convnet.md").write_text(
+        "# CIFAR-10, ConvNet-3 teacher: every cell\n\nGenerated by `python benchmarks/cifar10_convnet.py summary` "
+        "from `benchmarks/results/cifar10_convnet/cells/*.json` (each holds its command, commit, seeds, device and "
+        "wall time). Test top-1 of the final epoch, mean ± std over 3 student seeds.\n\n" + table +
+        f"\nPaper's label-mode figures (Table 2) are on ImageNette, not CIFAR-10: {PAPER_LABELS_IMAGENETTE}.\n")
+    accuracy_plot(results, RESULTS.parent / "cifar10_convnet.png")
+    print(table)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["search", "grid", "summary"])
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seeds", type=int, default=1, help="student seeds per search trial")
+    p.add_argument("--ipc", type=int, nargs="+", default=[10, 1, 50])
+    p.add_argument("--students", nargs="+", default=["convnet3"])
+    a = p.parse_args()
+    t0 = time.time()
+    if a.phase == "search":
+        print(json.dumps(search(a.workers, a.device, a.seeds)["synth"]))
+    elif a.phase == "grid":
+        chosen_file = RESULTS / "chosen.json"
+        chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
+        evaluate_cells(grid_cells(chosen, a.ipc, a.students), a.workers, a.device)
+    summary() if a.phase != "search" else None
+    print(f"{a.phase} done in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

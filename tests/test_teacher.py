@@ -1,0 +1,131 @@
+"""Teacher training end to end on the embedded digits set: outputs, manifest, reload, exact resume."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import nrrdd.train as T
+from nrrdd import NrrddError
+from nrrdd.checkpoint import load_model
+from nrrdd.data import load_dataset
+from nrrdd.io import verify_dir
+from nrrdd.train import TeacherConfig, TrainState, accuracy, one_cycle, train_teacher
+
+
+def tiny(**kw) -> TeacherConfig:
+    return TeacherConfig(**{"data": "digits", "width": 16, "epochs": 2, "batch_size": 128, **kw})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", progress=False)
+
+
+def _tensors(path):
+    return load_file(str(path))
+
+
+def _assert_same_weights(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), f"tensor {k} differs"
+
+
+def test_train_teacher_outputs(tmp_path, digits):
+    out = tmp_path / "teacher"
+    r = train_teacher(tiny(), out, device="cpu", progress=False)  # loads digits itself
+    names = {p.name for p in out.iterdir()}
+    assert names == {"teacher.safetensors", "results.json", "manifest.json"}  # state.pt is cleaned up
+    assert verify_dir(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["kind"] == "teacher" and set(manifest["files"]) == {"teacher.safetensors", "results.json"}
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["kind"] == "teacher" and results["config"]["epochs"] == 2 and results["config"]["width"] == 16
+    assert [h["epoch"] for h in results["history"]] == [1, 2]
+    assert all(math.isfinite(h["loss"]) for h in results["history"])
+    assert results["test_acc"] == r["test_acc"] and results["val_acc"] == results["history"][-1]["val_acc"]
+    assert results["data"]["sizes"] == {"train": len(digits.train), "val": len(digits.val), "test": len(digits.test)}
+    assert 40 < results["test_acc"] <= 100  # it learned something (chance is 10%)
+
+    model, meta = load_model(out / "teacher.safetensors", arch="convnet3", classes=digits.classes)
+    assert meta["classes"] == [str(i) for i in range(10)] and meta["image_size"] == 32
+    assert tuple(meta["mean"]) == digits.mean and tuple(meta["std"]) == digits.std
+    assert meta["test_acc"] == results["test_acc"] and meta["recipe"] == results["config"]
+    # the reloaded teacher scores exactly what results.json says, using only what the checkpoint records
+    assert accuracy(model, digits.test, meta["mean"], meta["std"], "cpu") == results["test_acc"]
+    assert accuracy(model, digits.val, meta["mean"], meta["std"], "cpu") == results["val_acc"]
+
+
+def test_same_seed_same_teacher_other_seed_other_teacher(tmp_path, digits):
+    cfg = tiny(epochs=1)
+    train_teacher(cfg, tmp_path / "a", device="cpu", data=digits, progress=False)
+    train_teacher(cfg, tmp_path / "b", device="cpu", data=digits, progress=False)
+    _assert_same_weights(tmp_path / "a" / "teacher.safetensors", tmp_path / "b" / "teacher.safetensors")
+    train_teacher(tiny(epochs=1, seed=1), tmp_path / "c", device="cpu", data=digits, progress=False)
+    ta, tc = _tensors(tmp_path / "a" / "teacher.safetensors"), _tensors(tmp_path / "c" / "teacher.safetensors")
+    assert not torch.equal(ta["classifier.weight"], tc["classifier.weight"])
+
+
+def test_refuses_to_mix_runs(tmp_path, digits):
+    out = tmp_path / "t"
+    train_teacher(tiny(epochs=1), out, device="cpu", data=digits, progress=False)
+    before = (out / "teacher.safetensors").read_bytes()
+    with pytest.raises(NrrddError, match="--resume"):
+        train_teacher(tiny(epochs=1), out, device="cpu", data=digits, progress=False)
+    assert (out / "teacher.safetensors").read_bytes() == before
+
+
+def test_resume_after_kill_is_bit_identical(tmp_path, digits, monkeypatch):
+    """Kill a 2-epoch run right after its epoch-1 checkpoint, resume it: same weights as an uninterrupted run."""
+    cfg = tiny()
+    full = train_teacher(cfg, tmp_path / "full", device="cpu", data=digits, progress=False)
+
+    real_save = TrainState.save
+
+    def save_then_die(self, *a, **kw):
+        real_save(self, *a, **kw)
+        raise KeyboardInterrupt  # as if killed just after the checkpoint was written
+
+    monkeypatch.setattr(TrainState, "save", save_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(cfg, out, device="cpu", data=digits, progress=False)
+    monkeypatch.setattr(TrainState, "save", real_save)
+    assert (out / "state.pt").exists()
+    assert not (out / "teacher.safetensors").exists() and not (out / "manifest.json").exists()
+    assert verify_dir(out)  # an interrupted folder does not verify
+
+    # count the training steps the resumed call takes: only epoch 2's
+    steps = []
+    real_aug = T.random_crop_flip
+    monkeypatch.setattr(T, "random_crop_flip", lambda *a, **k: steps.append(1) or real_aug(*a, **k))
+    resumed = train_teacher(cfg, out, device="cpu", data=digits, progress=False, resume=True)
+    assert len(steps) == math.ceil(len(digits.train) / cfg.batch_size)
+
+    _assert_same_weights(tmp_path / "full" / "teacher.safetensors", out / "teacher.safetensors")
+    assert resumed["test_acc"] == full["test_acc"]
+    for h_full, h_res in zip(full["history"], resumed["history"], strict=True):
+        assert (h_full["epoch"], h_full["loss"], h_full["val_acc"]) == (h_res["epoch"], h_res["loss"], h_res["val_acc"])
+    assert not (out / "state.pt").exists()
+    assert verify_dir(out) == []
+
+
+def test_resume_without_state_starts_afresh(tmp_path, digits):
+    """--resume on an empty folder is a normal run."""
+    a = train_teacher(tiny(epochs=1), tmp_path / "a", device="cpu", data=digits, progress=False, resume=True)
+    assert [h["epoch"] for h in a["history"]] == [1]
+
+
+def test_one_cycle_schedule():
+    total, warm = 100, 0.1
+    lrs = [one_cycle(s, total, warm) for s in range(total)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+    assert min(lrs) >= 0
