@@ -122,6 +122,7 @@ def search(workers: int, device: str, seeds: int) -> dict:
                                                               "val_std": r["val_std"]} for r in results],
                     "chosen": winner})
         print(f"round {name}: chosen {winner} (val {max(r['val_mean'] for r in results):.2f})", flush=True)
+        (RESULTS / "chosen.json").write_text(json.dumps({"synth": chosen, "rounds": log, "partial": True}, indent=2))
     # Student side: DBR weight and threshold, on the images chosen above.
     cells = []
     for a_dbr, r in itertools.product([0.1, 1.0, 10.0], [0.3, 0.6931]):
