@@ -2,7 +2,7 @@
 # One GPU session of the CIFAR-10 benchmark: validation search, then the grid. The CIFAR-10 copy arrives as
 # zips in .gpu/ (git-ignored, carried by the device tool); results are zipped into $OUT every 20 s so a
 # timeout still returns finished cells.
-for z in c10a c10b c10t; do python3 -m zipfile -e .gpu/$z.zip .gpu; done
+for z in c10x c10y; do python3 -m zipfile -e .gpu/$z.zip .gpu; done
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NRRDD_CACHE=/tmp/nc BENCH_DATA=.gpu/cifar10
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "from nrrdd.data import load_dataset; load_dataset('.gpu/cifar10', progress=False)"
