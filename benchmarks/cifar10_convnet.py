@@ -76,11 +76,13 @@ def distill_name(preset: str, ipc: int, overrides: dict) -> str:
     return f"{preset}_ipc{ipc}" + (f"_{extra}" if extra else "")
 
 
-def evaluate_cells(cells: list[dict], workers: int, device: str) -> list[dict]:
+def evaluate_cells(cells: list[dict], workers: int, device: str, distill_only: bool = False) -> list[dict]:
     """cells: {id, preset, overrides, student, dest}. Distils what is missing, then evaluates what is missing."""
     todo = [c for c in cells if not Path(c["dest"]).exists()]
     sets = {distill_name(c["preset"], c["overrides"]["ipc"], c["overrides"]): c for c in todo}
     run_all([(distill_job, (n, c["preset"], c["overrides"], device)) for n, c in sets.items()], workers)
+    if distill_only:
+        return []
     run_all([(eval_job, (c["id"], str(WORK / "distilled" / distill_name(c["preset"], c["overrides"]["ipc"],
                                                                            c["overrides"])),
                          c["student"], c["dest"], device)) for c in todo], workers)
@@ -142,11 +144,30 @@ def search(workers: int, device: str, seeds: int) -> dict:
     return out
 
 
+def search_temperature(workers: int, device: str, seeds: int, temps=(1.0, 2.0, 4.0, 8.0, 20.0)) -> dict:
+    """Student soft-label temperature on RDED-preset IPC 10 images (method-neutral), by validation accuracy.
+    The committed teacher was trained with label smoothing, whose compressed logits make T = 20 labels nearly flat."""
+    cells = [{"id": f"search_temperature_T{t}", "preset": "rded", "overrides": {"ipc": 10},
+              "student": {"seeds": seeds, "data": DATA, "temperature": t},
+              "dest": str(RESULTS / "search" / f"search_temperature_T{t}.json")} for t in temps]
+    results = evaluate_cells(cells, workers, device)
+    top = max(results, key=lambda r: r["val_mean"])
+    chosen_file = RESULTS / "chosen.json"
+    chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
+    chosen["student"] = {"temperature": top["config"]["temperature"]}
+    chosen.setdefault("rounds", []).append({"round": "student_temperature", "trials": [
+        {"params": {"temperature": r["config"]["temperature"]}, "val_mean": r["val_mean"], "val_std": r["val_std"]}
+        for r in results], "chosen": chosen["student"]})
+    chosen_file.write_text(json.dumps(chosen, indent=2))
+    return chosen["student"]
+
+
 # ---------------------------------------------------------------- grid
 
-def grid_cells(chosen: dict, ipcs: list[int], students: list[str]) -> list[dict]:
+def grid_cells(chosen: dict, ipcs: list[int], students: list[str], presets=None, modes=None) -> list[dict]:
     synth = chosen.get("synth", {})
     dbr = chosen.get("student_dbr", {})
+    common = chosen.get("student", {})
     cells = []
     for ipc in ipcs:
         rows = [(p, "sl-online") for p in ("random", "rded", "sre2l", "cidd", "nrrdd")]
@@ -154,7 +175,8 @@ def grid_cells(chosen: dict, ipcs: list[int], students: list[str]) -> list[dict]
         rows += [("nrrdd-lr", "sl-online")]
         for student in students:
             for preset, mode in rows:
-                if student != "convnet3" and mode != "sl-online":
+                if (student != "convnet3" and mode != "sl-online") or (presets and preset not in presets) or \
+                        (modes and mode not in modes):
                     continue
                 ov = {"ipc": ipc}
                 if preset in ("nrrdd", "nrrdd-lr", "cidd"):
@@ -163,7 +185,7 @@ def grid_cells(chosen: dict, ipcs: list[int], students: list[str]) -> list[dict]
                         ov["alpha_lr"] = 0.0
                     if preset == "nrrdd-lr" and not synth.get("alpha_lr"):
                         ov["alpha_lr"] = 0.1
-                st = {"seeds": 3, "data": DATA, "label_mode": mode, "student": student,
+                st = {"seeds": 3, "data": DATA, "label_mode": mode, "student": student, **common,
                       **(dbr if mode == "dbr" else {})}
                 cid = f"ipc{ipc}_{preset}_{mode}_{student}"
                 cells.append({"id": cid, "preset": preset, "overrides": ov, "student": st,
@@ -186,21 +208,27 @@ def summary() -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["search", "grid", "summary"])
+    p.add_argument("phase", choices=["search", "search-temperature", "grid", "summary"])
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--seeds", type=int, default=1, help="student seeds per search trial")
     p.add_argument("--ipc", type=int, nargs="+", default=[10, 1, 50])
     p.add_argument("--students", nargs="+", default=["convnet3"])
+    p.add_argument("--presets", nargs="+", help="only these presets (default: all)")
+    p.add_argument("--modes", nargs="+", help="only these label modes (default: all)")
+    p.add_argument("--distill-only", action="store_true", help="make the distilled sets, train no student")
     a = p.parse_args()
     t0 = time.time()
     if a.phase == "search":
         print(json.dumps(search(a.workers, a.device, a.seeds)["synth"]))
+    elif a.phase == "search-temperature":
+        print(json.dumps(search_temperature(a.workers, a.device, a.seeds)))
     elif a.phase == "grid":
         chosen_file = RESULTS / "chosen.json"
         chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
-        evaluate_cells(grid_cells(chosen, a.ipc, a.students), a.workers, a.device)
-    summary() if a.phase != "search" else None
+        evaluate_cells(grid_cells(chosen, a.ipc, a.students, a.presets, a.modes), a.workers, a.device,
+                       a.distill_only)
+    summary() if a.phase == "summary" or (a.phase == "grid" and not a.distill_only) else None
     print(f"{a.phase} done in {time.time() - t0:.0f} s")
 
 
