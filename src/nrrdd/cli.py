@@ -33,6 +33,8 @@ def cmd_distill(a) -> int:
     cfg = preset_config(a.preset, load_config_file(a.config) if a.config else None, a)
     r = distill(a.data, a.teacher, cfg, a.out, preset=a.preset, device=a.device, resume=a.resume,
                 overwrite=a.overwrite, progress=not a.quiet)
+    if not r:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     t = r["timings"]
     print(f"{a.preset}: {len(r['images'])} images ({r['ipc']} per class) in {t['total_s']:.0f} s "
           f"(select {t['select_s']:.0f} s, refine {t['refine_s']:.0f} s) -> {a.out}")
@@ -58,20 +60,28 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_relabel(a) -> int:
+    from pathlib import Path
     from nrrdd.checkpoint import load_model
     from nrrdd.evaluate import STORED_MODES, load_distilled, plan_spec, store_labels
     from nrrdd.io import pick_device, prepare_out_dir, write_json, write_manifest
     cfg = _student_cfg(a)
     if cfg.label_mode not in STORED_MODES:
         raise NrrddError(f"--label-mode {cfg.label_mode}: relabel stores {', '.join(STORED_MODES)}")
+    from nrrdd.dist import barrier, init_from_env, is_main
     dev = pick_device(a.device)
+    init_from_env(dev)
     split, classes, record = load_distilled(a.distilled)
     teacher, meta = load_model(a.teacher, classes=classes, device=dev)
-    out = prepare_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
+    out = Path(a.out)
+    if is_main():
+        prepare_out_dir(out, overwrite=a.overwrite, resume=a.resume)
+    barrier()
     spec = plan_spec(cfg, len(split), record.get("ipc") or len(split) // len(classes), len(classes),
                      split.images.shape[-1])
     info = store_labels(out, teacher, split.images.to(dev), split.labels.to(dev), spec, cfg, meta["mean"],
-                        meta["std"], progress=not a.quiet)
+                        meta["std"], progress=not a.quiet and is_main())
+    if not is_main():
+        return 0
     write_json(out / "labels.json", {"distilled": a.distilled, "teacher": a.teacher, "config": vars(cfg), **info})
     write_manifest(out, {"kind": "labels", "mode": cfg.label_mode})
     print(f"{cfg.label_mode}: {info['payload_bytes']} B payload ({info['ratio_vs_sl']}x smaller than soft labels), "

@@ -8,11 +8,14 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from tqdm import tqdm
 from safetensors.torch import load_file, save_file
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.data import Dataset, load_dataset
+from nrrdd.dist import barrier, init_from_env, is_main, mine
 from nrrdd.io import (MANIFEST, atomic_path, pick_device, prepare_out_dir, provenance, read_json, sha256_file,
                       write_json, write_manifest)
 from nrrdd.synth import SynthConfig, config_dict, initial_images, refine_images, refinement_masks, to_uint8
@@ -43,8 +46,12 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
             raise NrrddError(f"{out}: finished with other synthesis settings than these; pass --overwrite to "
                              "replace it or choose another --out")
         return record  # finished earlier: nothing to recompute
-    out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     dev = pick_device(device)
+    init_from_env(dev)
+    if is_main():
+        prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
+    barrier()
+    progress = progress and is_main()
     t0 = time.time()
     ds = data if isinstance(data, Dataset) else load_dataset(data, progress=progress)
     teacher, meta = load_model(teacher_path, classes=ds.classes, device=dev)
@@ -58,27 +65,22 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     if (work / "config.json").exists() and json.loads((work / "config.json").read_text()) != settings:
         raise NrrddError(f"{out}: the unfinished run there used other synthesis settings; resume it with the same "
                          "settings, or pass --overwrite to start again")
-
-    # ---- stage 1: initial images (CIDD / RDED / noise / random)
-    t = time.time()
-    init_file = work / "init.safetensors"
-    if init_file.exists():
-        saved = load_file(str(init_file))
-        x0, y = saved["x"].to(dev), saved["y"]
-        records = json.loads((work / "selection.json").read_text())
-    else:
-        x0, y, records = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, progress)
+    barrier()
+    if is_main():
         write_json(work / "config.json", settings)  # what a later --resume of this work must match
-        with atomic_path(work / "selection.json") as tmp:
-            tmp.write_text(json.dumps(records))
-        with atomic_path(init_file) as tmp:
-            save_file({"x": x0.cpu().contiguous(), "y": y}, str(tmp))
+
+    # ---- stage 1: initial images (CIDD / RDED / noise / random), one file per class, classes split over ranks
+    t = time.time()
+    x0, y, records = initial_set(teacher, ds, cfg, mean, std, dev, work, progress)
     timings["select_s"] = round(time.time() - t, 2)
 
     # ---- stage 2: refinement (none / masked / all)
     t = time.time()
     x, cam = refine_images(teacher, x0, y.to(dev), cfg, mean, std, work_dir=work, progress=progress)
     timings["refine_s"] = round(time.time() - t, 2)
+    if not is_main():  # rank 0 writes the outputs
+        barrier()
+        return {}
 
     # ---- stage 3: write images, labels, pictures, manifest
     t = time.time()
@@ -109,4 +111,33 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     write_json(out / "distill.json", record)
     shutil.rmtree(work)
     write_manifest(out, {"kind": "distilled", "preset": preset})
+    barrier()
     return record
+
+
+def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Path, progress: bool):
+    """Initial images of every class, class-major. Each class is computed by one rank (or loaded from an
+    earlier, killed run) and saved to its own file; every rank then reads all of them."""
+    merged = work / "init.safetensors"
+    if not merged.exists():
+        for c in tqdm(mine(range(ds.num_classes)), desc="select", disable=not progress):
+            f = work / f"init_c{c:05d}.safetensors"
+            if f.exists():
+                continue
+            x, y, rec = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, False, classes=[c])
+            with atomic_path(f) as tmp:
+                save_file({"x": x.cpu().contiguous(), "y": y}, str(tmp), metadata={"selection": json.dumps(rec[0])})
+        barrier()
+        if is_main():
+            parts = [work / f"init_c{c:05d}.safetensors" for c in range(ds.num_classes)]
+            tensors = [load_file(str(p)) for p in parts]
+            records = [json.loads(safe_open(str(p), "pt").metadata()["selection"]) for p in parts]
+            with atomic_path(merged) as tmp:
+                save_file({"x": torch.cat([t["x"] for t in tensors]), "y": torch.cat([t["y"] for t in tensors])},
+                          str(tmp), metadata={"selection": json.dumps(records)})
+            for p in parts:
+                p.unlink()
+        barrier()
+    saved = load_file(str(merged))
+    records = json.loads(safe_open(str(merged), "pt").metadata()["selection"])
+    return saved["x"].to(dev), saved["y"], records

@@ -9,17 +9,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.config import help_field
 from nrrdd.data import Split, load_dataset, load_image_folder
+from nrrdd.dist import is_main
 from nrrdd.io import (check_finite, pick_device, prepare_out_dir, provenance, read_json, sha256_bytes, write_json,
                       write_manifest)
 from nrrdd.labels import (LABEL_MODES, STORED_MODES, PlanSpec, label_slice, load_tensors, make_plan, mixed_batch,
-                          relabel, save_tensors, student_loss)
+                          read_tensor_meta, relabel, save_tensors, student_loss)
 from nrrdd.models import create_model
 from nrrdd.train import TrainState, accuracy, param_groups
 
@@ -91,8 +91,10 @@ def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentC
     payload = relabel(teacher, images, labels, plan, spec, cfg.label_mode, cfg.topk, mean, std, progress)
     meta = {"plan": json.dumps(asdict(spec)), "images_sha256": images_digest(images.cpu()),
             "mode": cfg.label_mode, "topk": str(cfg.topk)}
-    plan_bytes = save_tensors(out_dir / "plan.safetensors", plan)
     label_file = out_dir / f"labels_{cfg.label_mode}.safetensors"
+    if not is_main():  # under torchrun, rank 0 writes what all ranks labelled
+        return {}
+    plan_bytes = save_tensors(out_dir / "plan.safetensors", plan)
     save_tensors(label_file, payload, meta)
     return label_accounting(label_file, plan_bytes, payload, spec, int(labels.max()) + 1)
 
@@ -110,8 +112,7 @@ def load_labels(label_dir, mode: str, spec: PlanSpec, images: torch.Tensor) -> t
     f = Path(label_dir) / f"labels_{mode}.safetensors"
     if not f.exists():
         raise NrrddError(f"{f}: no stored '{mode}' labels here; run nrrdd relabel --label-mode {mode} first")
-    with safe_open(str(f), framework="pt") as h:
-        meta = h.metadata() or {}
+    meta = read_tensor_meta(f)
     if meta.get("images_sha256") != images_digest(images.cpu()):
         raise NrrddError(f"{f}: labels were made for other images than this distilled set; relabel it")
     if json.loads(meta.get("plan", "{}")) != asdict(spec):

@@ -6,6 +6,7 @@ mixed samples of the plan once (stored modes) or on the fly (sl-online); the stu
 so it sees exactly the pixels the teacher labelled."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from nrrdd import NrrddError
 from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_square_boxes
 from nrrdd.data import normalize
+from nrrdd.dist import gather_to_all, mine
 from nrrdd.io import atomic_path
 from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
 
@@ -133,15 +135,17 @@ def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spe
             topk: int, mean, std, progress: bool = True) -> dict[str, torch.Tensor]:
     """Teacher labels for every mixed sample of the plan, as (E, N, ...) tensors of the mode's payload."""
     teacher.eval()
-    chunks: dict[str, list] = {}
     nb = plan["lam"].shape[1]
-    for e in tqdm(range(spec.epochs), desc=f"relabel {mode}", disable=not progress, leave=False):
+    mine_epochs = {}
+    for e in tqdm(mine(range(spec.epochs)), desc=f"relabel {mode}", disable=not progress, leave=False):
+        chunks: dict[str, list] = {}
         for b in range(nb):
             x, y_org, y_aug, _ = mixed_batch(images, labels, plan, spec, e, b, mean, std)
             for k, v in teacher_payload(mode, teacher(x).float(), y_org, y_aug, topk).items():
                 chunks.setdefault(k, []).append(v.cpu())
-    n = spec.num_images
-    return {k: torch.cat(v).view(spec.epochs, n, *v[0].shape[1:]) for k, v in chunks.items()}
+        mine_epochs[e] = {k: torch.cat(v) for k, v in chunks.items()}
+    epochs = {e: p for part in gather_to_all(mine_epochs) for e, p in part.items()}  # ranks split the epochs
+    return {k: torch.stack([epochs[e][k] for e in range(spec.epochs)]) for k in epochs[0]}
 
 
 def label_slice(payload: dict, spec: PlanSpec, epoch: int, b: int, device) -> dict:
@@ -150,10 +154,21 @@ def label_slice(payload: dict, spec: PlanSpec, epoch: int, b: int, device) -> di
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> int:
-    """Write a safetensors file atomically; return its size on disk in bytes."""
+    """Write a safetensors file atomically; return its size on disk in bytes. Metadata travels as one sorted
+    JSON string: safetensors writes several keys in an arbitrary order, which would change the bytes."""
+    meta = {"nrrdd": json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     return Path(path).stat().st_size
+
+
+def read_tensor_meta(path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            return json.loads((h.metadata() or {}).get("nrrdd", "{}"))
+    except Exception as e:  # a pickle or a truncated file: never unpickled, one clear error
+        raise NrrddError(f"{path}: not a readable safetensors label file ({e})") from None
 
 
 def load_tensors(path) -> dict[str, torch.Tensor]:

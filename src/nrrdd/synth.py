@@ -20,6 +20,7 @@ from nrrdd.augment import box_mass, crop_resize, paste_boxes, cutmix_boxes, rand
 from nrrdd.cam import class_activation_maps
 from nrrdd.config import help_field
 from nrrdd.data import Split, normalize, denormalize
+from nrrdd.dist import barrier, mine, world
 from nrrdd.io import atomic_path, check_finite
 from nrrdd.losses import BNStats, bn_stat_loss, hinge_distance_loss, noncritical_mask
 from nrrdd.models import Net
@@ -232,17 +233,22 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
     hi = normalize(torch.ones(1, x0.shape[1], 1, 1, device=device), mean, std)
     out = x0.clone()
     batches = batch_order(y.cpu(), cfg.refine_batch)
-    for b, idx in enumerate(tqdm(batches, desc="refine batches", disable=not progress or len(batches) == 1)):
-        done = work_dir / f"refined_{b:05d}.safetensors" if work_dir else None
-        if done is not None and done.exists():
-            out[idx.to(device)] = load_file(str(done))["x"].to(device)
+    files = [work_dir / f"refined_{b:05d}.safetensors" if work_dir else None for b in range(len(batches))]
+    if world() > 1 and work_dir is None:
+        raise ValueError("multi-process refinement needs a work folder to exchange batches")
+    for b in tqdm(mine(range(len(batches))), desc="refine batches", disable=not progress or len(batches) == 1):
+        if files[b] is not None and files[b].exists():
             continue
-        xb = refine_batch(teacher, x0[idx.to(device)], y[idx].to(device), mask[idx.to(device)], cfg, lo, hi,
-                          class_generator(cfg.seed, b, stream=1), progress=progress)
-        out[idx.to(device)] = xb
-        if done is not None:
-            with atomic_path(done) as tmp:
-                save_file({"x": xb.detach().cpu().contiguous()}, str(tmp))
+        idx = batches[b].to(device)
+        out[idx] = refine_batch(teacher, x0[idx], y[idx], mask[idx], cfg, lo, hi,
+                                class_generator(cfg.seed, b, stream=1), progress=progress)
+        if files[b] is not None:
+            with atomic_path(files[b]) as tmp:
+                save_file({"x": out[idx].detach().cpu().contiguous()}, str(tmp))
+    barrier()
+    if work_dir is not None:  # every batch, whichever rank or earlier run refined it
+        for b, idx in enumerate(batches):
+            out[idx.to(device)] = load_file(str(files[b]))["x"].to(device)
     return out, cam
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nrrdd import NrrddError
 from nrrdd.checkpoint import save_model
 from nrrdd.config import help_field, to_dict
 from nrrdd.data import Dataset, Split, load_dataset, normalize, random_crop_flip
@@ -90,13 +92,35 @@ class TrainState:
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
-    def load(self, model, opt, gen: torch.Generator) -> dict:
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.pop("model"))
-        opt.load_state_dict(state.pop("opt"))
-        gen.set_state(state.pop("gen"))
-        torch.set_rng_state(state.pop("torch_rng"))
+    def load(self, model, opt, gen: torch.Generator, config: dict | None = None) -> dict:
+        """Restore model, optimiser and RNGs; with `config`, refuse a state saved under another recipe."""
+        try:
+            with warnings.catch_warnings():  # torch's notes on pickle protocols would only add noise to the error
+                warnings.simplefilter("ignore")
+                state = torch.load(self.path, map_location="cpu", weights_only=True)  # never runs code
+        except Exception as e:
+            raise self._unreadable(e) from None
+        if not isinstance(state, dict):
+            raise self._unreadable(TypeError(f"holds a {type(state).__name__}, not a training state"))
+        if config is not None and state.get("config", config) != config:
+            raise NrrddError(f"{self.path.parent}: the unfinished run there used another recipe; resume it with the "
+                             "same settings, or pass --overwrite to start again")
+        try:
+            model.load_state_dict(state.pop("model"))
+            opt.load_state_dict(state.pop("opt"))
+            gen.set_state(state.pop("gen"))
+            torch.set_rng_state(state.pop("torch_rng"))
+        except Exception as e:
+            raise self._unreadable(e) from None
         return state
+
+    def _unreadable(self, e: Exception) -> NrrddError:
+        """A pickle with code, a truncated file, another model's state: one clear line, not a traceback."""
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        why = next((ln for ln in lines if "Unsupported" in ln or "unpickler error" in ln.lower()
+                    or "size mismatch" in ln), lines[0])
+        return NrrddError(f"{self.path}: not a readable training state ({why[:200]}); delete it to start this run "
+                          "afresh, or pass --overwrite")
 
     def exists(self) -> bool:
         return self.path.exists()
@@ -108,7 +132,11 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
                   data: Dataset | None = None, progress: bool = True) -> dict:
     """Train a teacher on the training split; pick nothing by test accuracy; write teacher.safetensors + results."""
     if resume and (Path(out_dir) / "manifest.json").exists():
-        return read_json(Path(out_dir) / "results.json")  # finished earlier: never retrain over it
+        results = read_json(Path(out_dir) / "results.json")  # finished earlier: never retrain over it
+        if results.get("config") != to_dict(cfg):
+            raise NrrddError(f"{out_dir}: finished with another teacher recipe than this one; pass --overwrite to "
+                             "replace it or choose another --out")
+        return results
     t0 = time.time()
     out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     dev = pick_device(device)
@@ -121,7 +149,7 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: one_cycle(s, total, cfg.warmup))
     state, start, history = TrainState(out / "state.pt"), 0, []
     if resume and state.exists():
-        counters = state.load(model, opt, gen)
+        counters = state.load(model, opt, gen, config=to_dict(cfg))
         start, history = counters["epoch"], list(counters.get("history", []))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: one_cycle(s, total, cfg.warmup),
                                                   last_epoch=start * steps_per_epoch - 1)
@@ -142,7 +170,7 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
         val = accuracy(model, ds.val, ds.mean, ds.std, dev)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": val, "time_s": time.time() - t0})
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.1f}")
-        state.save(model, opt, gen, epoch=epoch + 1, history=history)
+        state.save(model, opt, gen, epoch=epoch + 1, history=history, config=to_dict(cfg))
     # The final epoch's weights are the teacher: no epoch is chosen by any accuracy.
     test = accuracy(model, ds.test, ds.mean, ds.std, dev)
     meta = {"arch": cfg.arch, "classes": ds.classes, "image_size": ds.image_size, "channels": ds.channels,
