@@ -67,3 +67,22 @@ def read_tree(root: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
             images.append(np.asarray(Image.open(f).convert("RGB")).transpose(2, 0, 1))
             labels.append(label)
     return classes, np.stack(images), np.array(labels)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from nrrdd.data import load_dataset
+    return load_dataset("digits", progress=False)
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory, digits):
+    """A tiny ConvNet-3 teacher (width 16, 2 epochs) on the embedded digits, shared by the whole session."""
+    from nrrdd.train import TeacherConfig, train_teacher
+    out = tmp_path_factory.mktemp("teacher")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NRRDD_CACHE", str(out / "cache"))
+        train_teacher(TeacherConfig(data="digits", width=16, epochs=2, batch_size=128), out / "t", device="cpu",
+                      data=digits, progress=False)
+    return out / "t" / "teacher.safetensors"
+

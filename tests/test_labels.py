@@ -13,7 +13,7 @@ from PIL import Image
 
 from nrrdd import NrrddError
 from nrrdd.augment import crop_resize
-from nrrdd.data import load_dataset, normalize
+from nrrdd.data import normalize
 from nrrdd.distill import distill
 from nrrdd.evaluate import StudentConfig, evaluate, label_accounting, load_labels, store_labels
 from nrrdd.io import verify_dir
@@ -21,7 +21,6 @@ from nrrdd.labels import (LABEL_MODES, PlanSpec, label_slice, make_plan, mixed_b
                           teacher_payload)
 from nrrdd.models import create_model
 from nrrdd.synth import preset_config
-from nrrdd.train import TeacherConfig, train_teacher
 
 MEAN, STD = (0.5, 0.4, 0.45), (0.25, 0.3, 0.2)
 
@@ -315,20 +314,13 @@ def test_load_labels_refuses_other_images_or_plan(tmp_path, small_teacher):
 # ---------------------------------------------------------------- evaluate end to end
 
 @pytest.fixture(scope="session")
-def digits():
-    return load_dataset("digits", progress=False)
-
-
-@pytest.fixture(scope="session")
-def distilled_digits(tmp_path_factory, digits):
+def distilled_digits(tmp_path_factory, digits, digits_teacher):
     """A tiny digits teacher (2 epochs) and a 2-image-per-class distilled set from it."""
     root = tmp_path_factory.mktemp("labels-e2e")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NRRDD_CACHE", str(root / "cache"))
-        train_teacher(TeacherConfig(data="digits", width=16, epochs=2, batch_size=128), root / "t", device="cpu",
-                      data=digits, progress=False)
         cfg = preset_config("nrrdd", {"iterations": 3, "ipc": 2, "pool_per_class": 20})
-        distill(digits, root / "t" / "teacher.safetensors", cfg, root / "d", preset="nrrdd", device="cpu",
+        distill(digits, digits_teacher, cfg, root / "d", preset="nrrdd", device="cpu",
                 progress=False)
     return root / "d"
 

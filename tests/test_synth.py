@@ -18,13 +18,12 @@ from nrrdd import NrrddError
 from nrrdd.augment import box_mass, crop_resize, paste_boxes, random_square_boxes, stitch
 from nrrdd.cam import class_activation_maps
 from nrrdd.checkpoint import load_model
-from nrrdd.data import load_dataset, normalize
+from nrrdd.data import normalize
 from nrrdd.distill import distill
 from nrrdd.io import verify_dir
 from nrrdd.losses import noncritical_mask
 from nrrdd.models import create_model
 from nrrdd.synth import PRESETS, SynthConfig, initial_images, preset_config, refine_batch, refine_images, to_uint8
-from nrrdd.train import TeacherConfig, train_teacher
 
 # 20 images in 2 refinement batches of 10: small, and the batch split is exercised (resume uses it)
 FAST = {"iterations": 5, "ipc": 2, "pool_per_class": 20, "refine_batch": 10}
@@ -213,21 +212,6 @@ def test_refine_batch_hand_mask_with_label_refinement(tiny_teacher):
 
 
 # ---------------------------------------------------------------- distill end to end
-
-@pytest.fixture(scope="session")
-def digits():
-    return load_dataset("digits", progress=False)
-
-
-@pytest.fixture(scope="session")
-def digits_teacher(tmp_path_factory, digits):
-    out = tmp_path_factory.mktemp("teacher")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NRRDD_CACHE", str(out / "cache"))
-        train_teacher(TeacherConfig(data="digits", width=16, epochs=2, batch_size=128), out / "t", device="cpu",
-                      data=digits, progress=False)
-    return out / "t" / "teacher.safetensors"
-
 
 @pytest.fixture(scope="module")
 def preset_runs(tmp_path_factory, digits, digits_teacher):

@@ -29,7 +29,7 @@ def cmd_train_teacher(a) -> int:
 
 def cmd_distill(a) -> int:
     from nrrdd.distill import distill
-    from nrrdd.synth import SynthConfig, preset_config
+    from nrrdd.synth import preset_config
     cfg = preset_config(a.preset, load_config_file(a.config) if a.config else None, a)
     r = distill(a.data, a.teacher, cfg, a.out, preset=a.preset, device=a.device, resume=a.resume,
                 overwrite=a.overwrite, progress=not a.quiet)

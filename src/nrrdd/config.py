@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from nrrdd import NrrddError
@@ -52,12 +50,8 @@ def build_config(cls, *layers: dict | argparse.Namespace | None):
 
 
 def load_config_file(path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise NrrddError(f"--config {path}: file not found") from None
-    except json.JSONDecodeError as e:
-        raise NrrddError(f"--config {path}: not valid JSON ({e})") from None
+    from nrrdd.io import read_json
+    return read_json(path)
 
 
 def to_dict(cfg) -> dict:

@@ -16,8 +16,8 @@ from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.data import Dataset, load_dataset
 from nrrdd.dist import barrier, init_from_env, is_main, mine
-from nrrdd.io import (MANIFEST, atomic_path, pick_device, prepare_out_dir, provenance, read_json, sha256_file,
-                      write_json, write_manifest)
+from nrrdd.io import (MANIFEST, atomic_path, pick_device, prepare_out_dir, provenance, read_json, sha256_bytes,
+                      sha256_file, write_json, write_manifest)
 from nrrdd.synth import SynthConfig, config_dict, initial_images, refine_images, refinement_masks, to_uint8
 from nrrdd.viz import image_grid, refinement_panel, save_png
 
@@ -65,13 +65,12 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     if (work / "config.json").exists() and json.loads((work / "config.json").read_text()) != settings:
         raise NrrddError(f"{out}: the unfinished run there used other synthesis settings; resume it with the same "
                          "settings, or pass --overwrite to start again")
-    barrier()
-    if is_main():
-        write_json(work / "config.json", settings)  # what a later --resume of this work must match
 
     # ---- stage 1: initial images (CIDD / RDED / noise / random), one file per class, classes split over ranks
     t = time.time()
     x0, y, records = initial_set(teacher, ds, cfg, mean, std, dev, work, progress)
+    if is_main():
+        write_json(work / "config.json", settings)  # what a later --resume of this work must match
     timings["select_s"] = round(time.time() - t, 2)
 
     # ---- stage 2: refinement (none / masked / all)
@@ -119,9 +118,10 @@ def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Pa
     """Initial images of every class, class-major. Each class is computed by one rank (or loaded from an
     earlier, killed run) and saved to its own file; every rank then reads all of them."""
     merged = work / "init.safetensors"
+    key = sha256_bytes(json.dumps(config_dict(cfg), sort_keys=True).encode())[:12]  # stale files never match
     if not merged.exists():
         for c in tqdm(mine(range(ds.num_classes)), desc="select", disable=not progress):
-            f = work / f"init_c{c:05d}.safetensors"
+            f = work / f"init_c{c:05d}_{key}.safetensors"
             if f.exists():
                 continue
             x, y, rec = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, False, classes=[c])
@@ -129,7 +129,7 @@ def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Pa
                 save_file({"x": x.cpu().contiguous(), "y": y}, str(tmp), metadata={"selection": json.dumps(rec[0])})
         barrier()
         if is_main():
-            parts = [work / f"init_c{c:05d}.safetensors" for c in range(ds.num_classes)]
+            parts = [work / f"init_c{c:05d}_{key}.safetensors" for c in range(ds.num_classes)]
             tensors = [load_file(str(p)) for p in parts]
             records = [json.loads(safe_open(str(p), "pt").metadata()["selection"]) for p in parts]
             with atomic_path(merged) as tmp:
