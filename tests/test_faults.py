@@ -103,17 +103,20 @@ def refs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chains(refs):
-    """Each command as real sub-processes killed twice with SIGKILL, then resumed to the end (the three
-    commands run side by side)."""
-    def chain(name):
+    """Each command as a real sub-process killed with SIGKILL at its first marker, resumed as a sub-process and
+    killed again at the second, then resumed to the end (in this process, to spare a third start of torch).
+    The sub-processes of the three commands run side by side."""
+    def killed_twice(name):
         out = refs.root / f"killed-{name}"
-        kills = [KR.kill_at(KR.command(name, out, resume=i > 0, **refs.inputs[name]), refs.env, out, m)
-                 for i, m in enumerate(CHAINS[name])]
-        KR.run(KR.command(name, out, resume=True, **refs.inputs[name]), refs.env)
-        return out, kills
+        return out, [KR.kill_at(KR.command(name, out, resume=i > 0, **refs.inputs[name]), refs.env, out, m)
+                     for i, m in enumerate(CHAINS[name])]
     with ThreadPoolExecutor(len(CHAINS)) as pool:
-        futures = {name: pool.submit(chain, name) for name in CHAINS}
-        return {name: f.result() for name, f in futures.items()}
+        done = dict(zip(CHAINS, pool.map(killed_twice, CHAINS)))
+    with pytest.MonkeyPatch.context() as mp:  # one after the other: the runs set torch's global RNG
+        mp.setenv("NRRDD_CACHE", str(refs.root / "cache"))
+        for name, (out, _) in done.items():
+            assert main(argv(name, out, **refs.inputs[name]) + ["--resume"]) == 0
+    return done
 
 
 # ---------------------------------------------------------------- SIGKILL + --resume
@@ -407,29 +410,16 @@ def test_malicious_label_file_and_training_state_never_run(how, tmp_path):
     assert not marker.exists()
 
 
-def _one_line_from(proc: subprocess.Popen, cmd: str) -> str:
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 2, err
-    lines = [ln for ln in err.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"nrrdd {cmd}: error: "), err
-    return lines[0]
-
-
 def test_bad_inputs_as_a_user_sees_them(refs, tmp_path, capsys):
-    """Real processes (stderr exactly as a user sees it, warnings included): an unknown preset, and a resumed
-    train-teacher whose state.pt is a malicious pickle; meanwhile, in this process, evaluate --labels with a
-    malicious label file."""
+    """A resumed train-teacher whose state.pt is a malicious pickle, as a real process (stderr exactly as a user
+    sees it, warnings included); meanwhile, in this process, evaluate --labels with a malicious label file and
+    an unknown preset."""
     marker = tmp_path / "pwned"
     teacher = tmp_path / "t"
     teacher.mkdir()
     _write_evil(teacher / "state.pt", marker, "pickle")
-    procs = {
-        "train-teacher": KR.command("train-teacher", teacher, resume=True),
-        "distill": [sys.executable, "-m", "nrrdd", "distill", "--data", "digits", "--teacher", str(refs.teacher),
-                    "--preset", "nrrd", "--out", str(tmp_path / "d")],
-    }
-    procs = {k: subprocess.Popen(c, env=refs.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k, c in procs.items()}
+    proc = subprocess.Popen(KR.command("train-teacher", teacher, resume=True), env=refs.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     labels = tmp_path / "labels"
     labels.mkdir()
@@ -440,10 +430,16 @@ def test_bad_inputs_as_a_user_sees_them(refs, tmp_path, capsys):
     line = one_error_line(capsys, "evaluate")
     assert str(labels / "labels_dbr.safetensors") in line and "not a readable safetensors label file" in line
 
-    line = _one_line_from(procs["train-teacher"], "train-teacher")
-    assert str(teacher / "state.pt") in line and "not a readable training state" in line
-    line = _one_line_from(procs["distill"], "distill")
+    assert main(["distill", "--data", "digits", "--teacher", str(refs.teacher), "--preset", "nrrd",
+                 "--out", str(tmp_path / "d")]) == 2
+    line = one_error_line(capsys, "distill")
     assert "unknown preset 'nrrd'" in line
     assert all(p in line for p in ("nrrdd", "nrrdd-lr", "cidd", "rded", "sre2l", "random"))
     assert not (tmp_path / "d").exists()
+
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("nrrdd train-teacher: error: "), err
+    assert str(teacher / "state.pt") in lines[0] and "not a readable training state" in lines[0]
     assert not marker.exists()
