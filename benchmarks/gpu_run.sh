@@ -3,6 +3,7 @@
 # zips in .gpu/ (git-ignored, carried by the device tool); results are zipped into $OUT every 20 s so a
 # timeout still returns finished cells.
 for z in c10x c10y; do python3 -m zipfile -e .gpu/$z.zip .gpu; done
+# Call as: NRRDD_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_run.sh (the copy there has no .git)
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NRRDD_CACHE=/tmp/nc BENCH_DATA=.gpu/cifar10
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -c "from nrrdd.data import load_dataset; load_dataset('.gpu/cifar10', progress=False)"

@@ -156,8 +156,8 @@ def teacher_tensors(out) -> dict[str, str]:
     import torch
     from safetensors.torch import load_file
     tensors = load_file(str(Path(out) / "teacher.safetensors"))
-    return {k: _sha(f"{v.dtype}{tuple(v.shape)}".encode() + v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
-            for k, v in sorted(tensors.items())}
+    raw = {k: v.reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() for k, v in tensors.items()}
+    return {k: _sha(f"{v.dtype}{tuple(v.shape)}".encode() + raw[k]) for k, v in sorted(tensors.items())}
 
 
 def distilled_files(out) -> dict[str, str]:
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "compared": {"train-teacher": "tensors of teacher.safetensors", "distill": "every PNG + synthetic.safetensors",
                      "evaluate": "results.json per_seed (seed, val_acc, test_acc)"},
         "commands": report,
-        "git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "machine": platform.node(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "torch": torch.__version__, "threads": "OMP_NUM_THREADS=1",
         "wall_time_s": round(time.monotonic() - t_start, 1),

@@ -286,13 +286,13 @@ def test_nan_in_refinement_names_the_step_and_keeps_finished_batches(refs, tmp_p
     calls = []
     real = nrrdd.synth.bn_stat_loss
 
-    def nan_in_second_batch(*a, **k):  # 5 steps per batch: call 8 is step 3 of batch 1
+    def nan_in_second_batch(*a, **k):  # one call per step (alpha_bn > 0), 5 per batch: call 8 = batch 1 step 3
         calls.append(1)
         return real(*a, **k) * (float("nan") if len(calls) >= 8 else 1.0)
     monkeypatch.setattr(nrrdd.synth, "bn_stat_loss", nan_in_second_batch)
     out = tmp_path / "d"
     assert main(["distill", "--data", "digits", "--teacher", str(refs.teacher), "--ipc", "2", "--iterations", "5",
-                 "--refine-batch", "10", "--device", "cpu", "--quiet", "--out", str(out)]) == 2
+                 "--refine-batch", "10", "--alpha-bn", "0.01", "--device", "cpu", "--quiet", "--out", str(out)]) == 2
     line = one_error_line(capsys, "distill")
     assert "non-finite loss" in line and "refinement step 3" in line
     done = load_file(str(out / ".work" / "refined_00000.safetensors"))["x"]

@@ -42,7 +42,7 @@ class StudentConfig:
     mix_alpha: float = help_field(1.0, "mix weight lambda ~ Beta(alpha, alpha)")
     crop_min: float = help_field(1.0, "random-resized-crop scale floor per image (1: off, as RDED at factor 1)")
     flip: bool = help_field(True, "random horizontal flip")
-    r: float = help_field(0.6931, "DBR hinge threshold r (Eq. 10)")
+    r: float = help_field(0.3, "DBR hinge threshold r (Eq. 10); 0.3 and alpha_dbr 1 won the validation search")
     alpha_dbr: float = help_field(1.0, "DBR weight alpha_dbr of the distance-matching term (Eq. 9)")
     topk: int = help_field(2, "entries kept per sample by compact labels")
     plan_seed: int = help_field(0, "seed of the label plan (batches, crops, flips, mixes), shared by all modes")

@@ -94,6 +94,8 @@ def provenance() -> dict:
                                     text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    # A copy without .git (e.g. a remote GPU machine) is told its commit by whoever sent it.
+    commit = commit or os.environ.get("NRRDD_GIT_COMMIT")
     import torchvision
     return {
         "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty,
