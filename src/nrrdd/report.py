@@ -45,16 +45,16 @@ def accuracy_plot(results: list[dict], path) -> None:
     for r in results:
         k = row_key(r)
         series[f"{k[2]} / {k[3]} / {k[1]}"][k[4]] = (r["test_mean"], r["test_std"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, pts in sorted(series.items()):
         ipcs = sorted(pts)
         ax.errorbar(ipcs, [pts[i][0] for i in ipcs], yerr=[pts[i][1] for i in ipcs], marker="o", capsize=3,
-                    label=name)
+                    label=name, linestyle="-" if name.endswith("convnet3") else "--")
     ax.set_xscale("log")
     ax.set_xlabel("images per class")
     ax.set_ylabel("test top-1 (%), mean ± std over seeds")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
