@@ -120,9 +120,9 @@ def cmd_demo(a) -> int:
     print(f"[1/3] teacher: val {t['val_acc']:.1f}%  test {t['test_acc']:.1f}%", flush=True)
     results = []
     for preset in ("nrrdd", "rded", "random"):
-        d = distill(ds, out / "teacher" / "teacher.safetensors", preset_config(preset, {"ipc": a.ipc, "iterations": 100}),
+        d = distill(ds, out / "teacher" / "teacher.safetensors", preset_config(preset, {"ipc": a.ipc, "iterations": 60}),
                     out / f"distilled_{preset}", preset=preset, device=a.device, resume=a.resume, progress=progress)
-        r = evaluate(out / f"distilled_{preset}", StudentConfig(width=32, epochs=100, seeds=2, data="digits"),
+        r = evaluate(out / f"distilled_{preset}", StudentConfig(width=32, epochs=80, seeds=2, data="digits"),
                      out / f"eval_{preset}", device=a.device, resume=a.resume, progress=progress, data=ds)
         results.append(r)
         print(f"[2/3] {preset:7s} IPC {a.ipc}: distilled in {d['timings']['total_s']:.0f} s, student test "
