@@ -170,7 +170,7 @@ def distilled_files(out) -> dict[str, str]:
 def evaluation_values(out) -> list[dict]:
     """Per-seed accuracies of results.json (time_s left out: it is a measurement, not a result)."""
     per_seed = json.loads((Path(out) / "results.json").read_text())["per_seed"]
-    return [{"seed": r["seed"], "val_acc": r["val_acc"], "test_acc": r["test_acc"]} for r in per_seed]
+    return [{k: r[k] for k in ("seed", "val_acc", "test_acc", "weights_sha256")} for r in per_seed]
 
 
 OUTPUT = {"train-teacher": teacher_tensors, "distill": distilled_files, "evaluate": evaluation_values}
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         "all_match": all(k["match"] for e in report.values() for k in e["kills"]),
         "kills_landed": sum(k["killed"] for e in report.values() for k in e["kills"]),
         "compared": {"train-teacher": "tensors of teacher.safetensors", "distill": "every PNG + synthetic.safetensors",
-                     "evaluate": "results.json per_seed (seed, val_acc, test_acc)"},
+                     "evaluate": "results.json per_seed (seed, val_acc, test_acc, student weights sha256)"},
         "commands": report,
         "git_commit": _git("rev-parse", "HEAD"),
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),

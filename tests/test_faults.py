@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+import safetensors.torch
 from safetensors.torch import load_file
 
 import nrrdd.checkpoint
@@ -33,8 +34,7 @@ import nrrdd.train
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, save_model
 from nrrdd.cli import main
-from nrrdd.io import verify_dir, write_json
-from nrrdd.labels import load_tensors, save_tensors
+from nrrdd.io import load_tensors, save_tensors, verify_dir, write_json
 from nrrdd.models import create_model
 from nrrdd.train import TrainState, param_groups
 from nrrdd.viz import save_png
@@ -181,7 +181,7 @@ DISK_FULL = {
                         lambda p: (lambda s, m, o: s.save(m, o, torch.Generator(), epoch=2))(*_state(p)),
                         lambda p: (lambda s, m, o: s.load(m, o, torch.Generator()))(*_state(p))),
     "save_tensors": (lambda p: save_tensors(p, {"d": torch.ones(3)}),
-                     lambda mp: mp.setattr(nrrdd.labels, "save_file", _half_then_enospc(1)),
+                     lambda mp: mp.setattr(safetensors.torch, "save_file", _half_then_enospc(1)),
                      lambda p: save_tensors(p, {"d": torch.zeros(3)}), lambda p: load_tensors(p)["d"].tolist()),
     "save_png": (lambda p: save_png(p, torch.zeros(3, 4, 4, dtype=torch.uint8)),
                  lambda mp: mp.setattr(Image.Image, "save", _half_then_enospc(1)),
@@ -395,7 +395,7 @@ def test_malicious_label_file_and_training_state_never_run(how, tmp_path):
 
     label_file = tmp_path / "labels_dbr.safetensors"
     _write_evil(label_file, marker, how)
-    with pytest.raises(NrrddError, match="not a readable safetensors label file") as e:
+    with pytest.raises(NrrddError, match="not a readable safetensors file") as e:
         load_tensors(label_file)
     assert str(label_file) in str(e.value)
 
@@ -428,7 +428,7 @@ def test_bad_inputs_as_a_user_sees_them(refs, tmp_path, capsys):
                  "--epochs", "2", "--seeds", "1", "--width", "8", "--device", "cpu", "--quiet",
                  "--out", str(tmp_path / "e")]) == 2
     line = one_error_line(capsys, "evaluate")
-    assert str(labels / "labels_dbr.safetensors") in line and "not a readable safetensors label file" in line
+    assert str(labels / "labels_dbr.safetensors") in line and "not a readable safetensors file" in line
 
     assert main(["distill", "--data", "digits", "--teacher", str(refs.teacher), "--preset", "nrrd",
                  "--out", str(tmp_path / "d")]) == 2

@@ -8,17 +8,15 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
-from safetensors.torch import load_file, save_file
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.data import Dataset, load_dataset
 from nrrdd.dist import barrier, init_from_env, is_main, mine
-from nrrdd.io import (MANIFEST, atomic_path, pick_device, prepare_out_dir, provenance, read_json, sha256_bytes,
-                      sha256_file, write_json, write_manifest)
-from nrrdd.synth import SynthConfig, config_dict, initial_images, refine_images, refinement_masks, to_uint8
+from nrrdd.io import (MANIFEST, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
+                      save_tensors, sha256_bytes, sha256_file, write_json, write_manifest)
+from nrrdd.synth import SynthConfig, config_dict, initial_images, refine_images, refinement_mask, to_uint8
 from nrrdd.viz import image_grid, refinement_panel, save_png
 
 IMAGES = "images"
@@ -90,14 +88,12 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
         names.append(image_name(ds.classes, c, counts[c]))
         save_png(out / names[-1], img)
         counts[c] += 1
-    with atomic_path(out / "synthetic.safetensors") as tmp:  # exact float images, before PNG quantisation
-        save_file({"images": x.cpu().contiguous(), "labels": y.cpu()}, str(tmp))
+    save_tensors(out / "synthetic.safetensors", {"images": x.cpu(), "labels": y.cpu()})  # exact, before PNG
     write_json(out / "selection.json", records)
     image_grid(out / "pictures" / "grid.png", images, y, ds.classes)
     show = torch.stack([torch.nonzero(y == c)[0, 0] for c in range(min(ds.num_classes, 6))])
-    mask, _ = refinement_masks(teacher, x0[show.to(dev)], y[show].to(dev), cfg)
     refinement_panel(out / "pictures" / "refinement.png", before[show], images[show], cam[show].cpu(),
-                     mask[:, 0].cpu(), [ds.classes[int(c)] for c in y[show]])
+                     refinement_mask(cam[show.to(cam.device)], cfg)[:, 0].cpu(), [ds.classes[int(c)] for c in y[show]])
     timings["write_s"] = round(time.time() - t, 2)
     timings["total_s"] = round(time.time() - t0, 2)
     record = {"kind": "distilled", "preset": preset, "config": config_dict(cfg), "seed": cfg.seed,
@@ -125,19 +121,15 @@ def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Pa
             if f.exists():
                 continue
             x, y, rec = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, False, classes=[c])
-            with atomic_path(f) as tmp:
-                save_file({"x": x.cpu().contiguous(), "y": y}, str(tmp), metadata={"selection": json.dumps(rec[0])})
+            save_tensors(f, {"x": x.cpu(), "y": y}, {"selection": rec[0]})
         barrier()
         if is_main():
             parts = [work / f"init_c{c:05d}_{key}.safetensors" for c in range(ds.num_classes)]
-            tensors = [load_file(str(p)) for p in parts]
-            records = [json.loads(safe_open(str(p), "pt").metadata()["selection"]) for p in parts]
-            with atomic_path(merged) as tmp:
-                save_file({"x": torch.cat([t["x"] for t in tensors]), "y": torch.cat([t["y"] for t in tensors])},
-                          str(tmp), metadata={"selection": json.dumps(records)})
+            tensors = [load_tensors(p) for p in parts]
+            save_tensors(merged, {"x": torch.cat([t["x"] for t in tensors]), "y": torch.cat([t["y"] for t in tensors])},
+                         {"selection": [read_tensor_meta(p)["selection"] for p in parts]})
             for p in parts:
                 p.unlink()
         barrier()
-    saved = load_file(str(merged))
-    records = json.loads(safe_open(str(merged), "pt").metadata()["selection"])
-    return saved["x"].to(dev), saved["y"], records
+    saved = load_tensors(merged)
+    return saved["x"].to(dev), saved["y"], read_tensor_meta(merged)["selection"]

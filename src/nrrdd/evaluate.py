@@ -18,8 +18,8 @@ from nrrdd.data import Split, load_dataset, load_image_folder
 from nrrdd.dist import is_main
 from nrrdd.io import (check_finite, pick_device, prepare_out_dir, provenance, read_json, sha256_bytes, write_json,
                       write_manifest)
-from nrrdd.labels import (LABEL_MODES, STORED_MODES, PlanSpec, label_slice, load_tensors, make_plan, mixed_batch,
-                          read_tensor_meta, relabel, save_tensors, student_loss)
+from nrrdd.io import load_tensors, read_tensor_meta, save_tensors
+from nrrdd.labels import LABEL_MODES, STORED_MODES, PlanSpec, label_slice, make_plan, mixed_batch, relabel, student_loss
 from nrrdd.models import create_model
 from nrrdd.train import TrainState, accuracy, param_groups
 
@@ -212,13 +212,16 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
         seed_file = out / "seeds" / f"seed_{seed}.json"
         if seed_file.exists():
+            (out / "seeds" / f".state_{seed}.pt").unlink(missing_ok=True)  # killed between the two writes
             per_seed.append(read_json(seed_file))
             continue
         ts = time.time()
         model = train_student(images, labels, len(classes), spec, cfg, seed, dev, mean, std, teacher, payload,
                               state_path=out / "seeds" / f".state_{seed}.pt", progress=progress)
         r = {"seed": seed, "val_acc": accuracy(model, ds.val, mean, std, dev),
-             "test_acc": accuracy(model, ds.test, mean, std, dev), "time_s": round(time.time() - ts, 1)}
+             "test_acc": accuracy(model, ds.test, mean, std, dev), "time_s": round(time.time() - ts, 1),
+             "weights_sha256": sha256_bytes(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
+                                                     for v in model.state_dict().values()))}
         write_json(seed_file, r)
         (out / "seeds" / f".state_{seed}.pt").unlink(missing_ok=True)
         per_seed.append(r)

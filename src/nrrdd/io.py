@@ -168,3 +168,30 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss).all():
         raise NrrddError(f"non-finite loss ({loss.detach().flatten()[0].item()}) at {where}; the last good "
                          "checkpoint is kept: lower the learning rate and rerun with --resume")
+
+
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> int:
+    """Write a safetensors file atomically; return its size on disk in bytes. Metadata travels as one sorted
+    JSON string: safetensors writes several keys in an arbitrary order, which would change the bytes."""
+    from safetensors.torch import save_file
+    meta = {"nrrdd": json.dumps(metadata, sort_keys=True)} if metadata else None
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    return Path(path).stat().st_size
+
+
+def read_tensor_meta(path) -> dict:
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), framework="pt") as h:
+            return json.loads((h.metadata() or {}).get("nrrdd", "{}"))
+    except Exception as e:  # a pickle or a truncated file: never unpickled, one clear error
+        raise NrrddError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def load_tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises several types; none executes code
+        raise NrrddError(f"{path}: not a readable safetensors file ({e})") from None

@@ -6,22 +6,18 @@ mixed samples of the plan once (stored modes) or on the fly (sl-online); the stu
 so it sees exactly the pixels the teacher labelled."""
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_square_boxes
 from nrrdd.data import normalize
 from nrrdd.dist import gather_to_all, mine
-from nrrdd.io import atomic_path
 from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
 
 LABEL_MODES = ("sl-online", "sl-stored", "dbr", "onehot", "compact")
@@ -151,28 +147,3 @@ def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spe
 def label_slice(payload: dict, spec: PlanSpec, epoch: int, b: int, device) -> dict:
     sl = slice(b * spec.batch_size, (b + 1) * spec.batch_size)
     return {k: v[epoch, sl].to(device) for k, v in payload.items()}
-
-
-def save_tensors(path, tensors: dict, metadata: dict | None = None) -> int:
-    """Write a safetensors file atomically; return its size on disk in bytes. Metadata travels as one sorted
-    JSON string: safetensors writes several keys in an arbitrary order, which would change the bytes."""
-    meta = {"nrrdd": json.dumps(metadata, sort_keys=True)} if metadata else None
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
-    return Path(path).stat().st_size
-
-
-def read_tensor_meta(path) -> dict:
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="pt") as h:
-            return json.loads((h.metadata() or {}).get("nrrdd", "{}"))
-    except Exception as e:  # a pickle or a truncated file: never unpickled, one clear error
-        raise NrrddError(f"{path}: not a readable safetensors label file ({e})") from None
-
-
-def load_tensors(path) -> dict[str, torch.Tensor]:
-    try:
-        return load_file(str(path))
-    except Exception as e:  # safetensors raises several types; none executes code
-        raise NrrddError(f"{path}: not a readable safetensors label file ({e})") from None

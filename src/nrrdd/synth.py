@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from nrrdd import NrrddError
@@ -20,7 +19,7 @@ from nrrdd.cam import class_activation_maps
 from nrrdd.config import help_field
 from nrrdd.data import Split, normalize, denormalize
 from nrrdd.dist import barrier, mine, world
-from nrrdd.io import atomic_path, check_finite
+from nrrdd.io import check_finite, load_tensors, save_tensors
 from nrrdd.losses import BNStats, bn_stat_loss, hinge_distance_loss, noncritical_mask
 from nrrdd.models import Net
 
@@ -204,11 +203,12 @@ def refine_batch(teacher: Net, x0: torch.Tensor, y: torch.Tensor, mask: torch.Te
         return torch.where(mask > 0, x, x0)
 
 
-def refinement_masks(teacher: Net, x: torch.Tensor, y: torch.Tensor, cfg: SynthConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask (N, 1, H, W), CAM (N, H, W)) from the initial images; all ones for SRe2L-style refinement."""
-    cam = class_activation_maps(teacher, x, y)
-    mask = noncritical_mask(cam, cfg.epsilon) if cfg.refine == "masked" else torch.ones_like(cam)
-    return mask[:, None], cam
+def refinement_mask(cam: torch.Tensor, cfg: SynthConfig) -> torch.Tensor:
+    """(N, 1, H, W) update weights from the initial images' CAM: Eq. 4 for NRR, all ones for SRe2L, zeros when
+    nothing is refined."""
+    if cfg.refine == "masked":
+        return noncritical_mask(cam, cfg.epsilon)[:, None]
+    return (torch.ones_like if cfg.refine == "all" else torch.zeros_like)(cam)[:, None]
 
 
 def batch_order(labels: torch.Tensor, batch: int) -> list[torch.Tensor]:
@@ -227,7 +227,8 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
     run resumes at the next batch with the same result. Returns (refined, cam of the initial images)."""
     device = x0.device
     teacher.eval().requires_grad_(False)
-    mask, cam = refinement_masks(teacher, x0, y, cfg)
+    cam = class_activation_maps(teacher, x0, y)
+    mask = refinement_mask(cam, cfg)
     if cfg.refine == "none" or cfg.iterations == 0:
         return x0.clone(), cam
     lo = normalize(torch.zeros(1, x0.shape[1], 1, 1, device=device), mean, std)
@@ -244,12 +245,11 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
         out[idx] = refine_batch(teacher, x0[idx], y[idx], mask[idx], cfg, lo, hi,
                                 class_generator(cfg.seed, b, stream=1), progress=progress)
         if files[b] is not None:
-            with atomic_path(files[b]) as tmp:
-                save_file({"x": out[idx].detach().cpu().contiguous()}, str(tmp))
+            save_tensors(files[b], {"x": out[idx].detach().cpu()})
     barrier()
     if work_dir is not None:  # every batch, whichever rank or earlier run refined it
         for b, idx in enumerate(batches):
-            out[idx.to(device)] = load_file(str(files[b]))["x"].to(device)
+            out[idx.to(device)] = load_tensors(files[b])["x"].to(device)
     return out, cam
 
 
