@@ -78,7 +78,7 @@ def distill_name(preset: str, ipc: int, overrides: dict) -> str:
 
 def evaluate_cells(cells: list[dict], workers: int, device: str, distill_only: bool = False) -> list[dict]:
     """cells: {id, preset, overrides, student, dest}. Distils what is missing, then evaluates what is missing."""
-    todo = [c for c in cells if not Path(c["dest"]).exists()]
+    todo = cells if distill_only else [c for c in cells if not Path(c["dest"]).exists()]
     sets = {distill_name(c["preset"], c["overrides"]["ipc"], c["overrides"]): c for c in todo}
     run_all([(distill_job, (n, c["preset"], c["overrides"], device)) for n, c in sets.items()], workers)
     if distill_only:
