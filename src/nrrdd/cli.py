@@ -42,7 +42,6 @@ def cmd_distill(a) -> int:
 
 
 def _student_cfg(a):
-    from nrrdd.config import build_config
     from nrrdd.evaluate import StudentConfig
     return build_config(StudentConfig, load_config_file(a.config) if a.config else None, a)
 
