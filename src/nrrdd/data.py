@@ -215,10 +215,18 @@ def carve_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(carve)).values
 
 
-def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    x = images.double() / 255
-    mean = x.mean(dim=(0, 2, 3))
-    std = ((x - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3)).sqrt()
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and (population) std of uint8 images in [0, 1], accumulated in float64 over chunks so
+    memory stays at one chunk rather than eight bytes per pixel of the whole set."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    sq = torch.zeros_like(total)
+    for i in range(0, len(images), chunk):
+        x = images[i:i + chunk].double() / 255
+        total += x.sum(dim=(0, 2, 3))
+        sq += (x * x).sum(dim=(0, 2, 3))
+    n = images.numel() / images.shape[1]
+    mean = total / n
+    std = (sq / n - mean * mean).clamp_min(0).sqrt()
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
