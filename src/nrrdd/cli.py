@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", help="PNG plot path (default: beside --out)")
     s.set_defaults(fn=cmd_report)
 
-    s = sub.add_parser("demo", help="whole pipeline on the embedded digits data (~2 min on 2 CPU cores)",
+    s = sub.add_parser("demo", help="whole pipeline on the embedded digits data (about 1-2 min on 2 CPU cores)",
                        description="Train a small teacher on scikit-learn's digits (shipped with the package), "
                        "distil it with the nrrdd, rded and random presets, train students on each and write a "
                        "report. Needs no download.")
