@@ -235,7 +235,8 @@ def summary() -> None:
 
 
 def table_note() -> str:
-    return ("ResNet-18 rows are students of the ConvNet-3 teacher (cross-architecture); the paper's ResNet-18 "
+    return ("The cells of 2026-11-26 ran on one NVIDIA H200 from commit 54ab193 in a copy without .git, so their "
+            "`git_commit` is empty (later runs record it through NRRDD_GIT_COMMIT). ResNet-18 rows are students of the ConvNet-3 teacher (cross-architecture); the paper's ResNet-18 "
             "figures used a ResNet-18 teacher, so they are shown for reference only.\n\n")
 
 
