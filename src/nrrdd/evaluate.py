@@ -16,9 +16,8 @@ from nrrdd.checkpoint import load_model
 from nrrdd.config import help_field
 from nrrdd.data import Split, load_dataset, load_image_folder
 from nrrdd.dist import is_main
-from nrrdd.io import (check_finite, pick_device, prepare_out_dir, provenance, read_json, sha256_bytes, write_json,
-                      write_manifest)
-from nrrdd.io import load_tensors, read_tensor_meta, save_tensors
+from nrrdd.io import (check_finite, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
+                      save_tensors, sha256_bytes, write_json, write_manifest)
 from nrrdd.labels import LABEL_MODES, STORED_MODES, PlanSpec, label_slice, make_plan, mixed_batch, relabel, student_loss
 from nrrdd.models import create_model
 from nrrdd.train import TrainState, accuracy, param_groups
@@ -69,7 +68,7 @@ def load_distilled(path) -> tuple[Split, list[str], dict]:
     record = read_json(path / "distill.json") if (path / "distill.json").exists() else {}
     root = path / "images" if (path / "images").is_dir() else path
     split, classes, _ = load_image_folder(root, use_cache=False, progress=False)
-    if record and classes != sorted(record["classes"]) and set(classes) != set(record["classes"]):
+    if record and set(classes) != set(record["classes"]):
         raise NrrddError(f"{root}: class folders {classes} differ from distill.json's {record['classes']}")
     return split, classes, record
 
@@ -195,16 +194,14 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
 
     payload, labels_info = None, {}
     if cfg.label_mode in STORED_MODES:
-        if labels_dir is None:
+        label_file = Path(labels_dir or out) / f"labels_{cfg.label_mode}.safetensors"
+        if labels_dir is None and not label_file.exists():  # relabel here once; a resumed run reuses the file
             if teacher is None:
                 raise NrrddError("stored labels need --teacher (or --labels from nrrdd relabel)")
-            labels_info = store_labels(out, teacher, images, labels, spec, cfg, mean, std, progress)
-            labels_dir = out
-        payload, _ = load_labels(labels_dir, cfg.label_mode, spec, images)
-        if not labels_info:
-            labels_info = label_accounting(Path(labels_dir) / f"labels_{cfg.label_mode}.safetensors",
-                                           (Path(labels_dir) / "plan.safetensors").stat().st_size, payload, spec,
-                                           len(classes))
+            store_labels(out, teacher, images, labels, spec, cfg, mean, std, progress)
+        payload, _ = load_labels(label_file.parent, cfg.label_mode, spec, images)
+        labels_info = label_accounting(label_file, (label_file.parent / "plan.safetensors").stat().st_size, payload,
+                                       spec, len(classes))
     elif cfg.label_mode == "sl-online" and teacher is None:
         raise NrrddError("label mode sl-online needs a teacher: pass --teacher")
 
