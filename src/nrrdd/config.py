@@ -55,4 +55,6 @@ def load_config_file(path) -> dict:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as it reads back from JSON (tuples become lists), so saved and live settings compare equal."""
+    import json
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

@@ -16,7 +16,8 @@ from nrrdd.data import Dataset, load_dataset
 from nrrdd.dist import barrier, init_from_env, is_main, mine
 from nrrdd.io import (MANIFEST, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
                       save_tensors, sha256_bytes, sha256_file, write_json, write_manifest)
-from nrrdd.synth import SynthConfig, config_dict, initial_images, refine_images, refinement_mask, to_uint8
+from nrrdd.config import to_dict
+from nrrdd.synth import SynthConfig, initial_images, refine_images, refinement_mask, to_uint8
 from nrrdd.viz import image_grid, refinement_panel, save_png
 
 IMAGES = "images"
@@ -37,7 +38,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
             device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them."""
     out = Path(out_dir)
-    settings = json.loads(json.dumps(config_dict(cfg)))  # as it reads back from JSON
+    settings = to_dict(cfg)
     if resume and (out / MANIFEST).exists():
         record = read_json(out / "distill.json")
         if record.get("config") != settings:
@@ -96,13 +97,13 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
                      refinement_mask(cam[show.to(cam.device)], cfg)[:, 0].cpu(), [ds.classes[int(c)] for c in y[show]])
     timings["write_s"] = round(time.time() - t, 2)
     timings["total_s"] = round(time.time() - t0, 2)
-    record = {"kind": "distilled", "preset": preset, "config": config_dict(cfg), "seed": cfg.seed,
+    record = {"kind": "distilled", "preset": preset, "config": to_dict(cfg), "seed": cfg.seed,
               "classes": ds.classes, "ipc": cfg.ipc, "images": names, "mean": mean, "std": std,
               "teacher": {"path": str(teacher_path), "sha256": sha256_file(teacher_path), "arch": meta["arch"],
                           "test_acc": meta.get("test_acc")},
               "data": {"spec": ds.name, **ds.info}, "timings": timings, "memory": peak_memory_mb(dev),
               **provenance()}
-    write_json(out / "config.json", config_dict(cfg))
+    write_json(out / "config.json", to_dict(cfg))
     write_json(out / "distill.json", record)
     shutil.rmtree(work)
     write_manifest(out, {"kind": "distilled", "preset": preset})
@@ -114,7 +115,7 @@ def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Pa
     """Initial images of every class, class-major. Each class is computed by one rank (or loaded from an
     earlier, killed run) and saved to its own file; every rank then reads all of them."""
     merged = work / "init.safetensors"
-    key = sha256_bytes(json.dumps(config_dict(cfg), sort_keys=True).encode())[:12]  # stale files never match
+    key = sha256_bytes(json.dumps(to_dict(cfg), sort_keys=True).encode())[:12]  # stale files never match
     if not merged.exists():
         for c in tqdm(mine(range(ds.num_classes)), desc="select", disable=not progress):
             f = work / f"init_c{c:05d}_{key}.safetensors"

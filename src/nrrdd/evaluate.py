@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
-from nrrdd.config import help_field
+from nrrdd.config import help_field, to_dict
 from nrrdd.data import Split, load_dataset, load_image_folder
 from nrrdd.dist import is_main
 from nrrdd.io import (check_finite, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
@@ -163,7 +163,7 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
 def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_dir=None, device="auto",
              resume=False, overwrite=False, progress=True, data=None) -> dict:
     out = Path(out_dir)
-    settings = json.loads(json.dumps(asdict(cfg)))  # as it reads back from JSON
+    settings = to_dict(cfg)
     if resume and (out / "results.json").exists() and (out / "manifest.json").exists():
         results = read_json(out / "results.json")
         if results.get("config") != settings:

@@ -4,7 +4,6 @@ images), then refinement of all, none, or only the non-critical pixels, optional
 Every method is a preset of `SynthConfig`; the code below has one path for all of them."""
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,6 +255,3 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
 def to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (denormalize(x, mean, std).clamp(0, 1) * 255).round().to(torch.uint8)
 
-
-def config_dict(cfg: SynthConfig) -> dict:
-    return dataclasses.asdict(cfg)
