@@ -1,10 +1,14 @@
 """torchrun with 2 CPU processes (gloo) must give the same bytes as one process."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from nrrdd.train import TeacherConfig, train_teacher
 
@@ -51,3 +55,40 @@ def test_two_process_relabel_matches_single(setup):
     _run(args + ["--out", str(root / "rl2")], env, nproc=2)
     for name in ("labels_dbr.safetensors", "plan.safetensors"):
         assert (root / "rl1" / name).read_bytes() == (root / "rl2" / name).read_bytes()
+
+
+def test_two_process_evaluate_splits_seeds_bit_identically(setup):
+    root, env, teacher = setup
+    if not (root / "one").exists():
+        pytest.skip("needs the distilled set of the distill test")
+    args = ["evaluate", "--distilled", str(root / "one"), "--teacher", teacher, "--seeds", "3", "--epochs", "2",
+            "--width", "16", "--device", "cpu", "--quiet"]
+    _run(args + ["--out", str(root / "ev1")], env)
+    _run(args + ["--out", str(root / "ev2")], env, nproc=2)
+    one, two = (json.loads((root / d / "results.json").read_text()) for d in ("ev1", "ev2"))
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert [r["seed"] for r in two["per_seed"]] == [0, 1, 2]
+    drop_time = [{k: v for k, v in r.items() if k != "time_s"} for r in one["per_seed"]]
+    assert drop_time == [{k: v for k, v in r.items() if k != "time_s"} for r in two["per_seed"]]
+    assert len({r["weights_sha256"] for r in one["per_seed"]}) == 3  # the seeds really differ
+
+
+def test_ddp_student_matches_one_process(setup, tmp_path):
+    """DDP splits every batch across 2 ranks and averages their gradients: the same steps as one process taking
+    the whole batch, up to float rounding (ConvNet without BatchNorm, whose per-rank statistics would differ)."""
+    root, env, teacher = setup
+    worker = str(Path(__file__).with_name("ddp_worker.py"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518"]
+    for cmd in (torchrun + [worker, teacher, str(tmp_path / "ddp"), "--ddp"],
+                [sys.executable, worker, teacher, str(tmp_path / "one")]):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ddp, rank1, one, init = (load_file(tmp_path / f"{n}.safetensors") for n in
+                             ("ddp_rank0", "ddp_rank1", "one_rank0", "one_init"))
+    assert all(torch.equal(ddp[k], rank1[k]) for k in ddp)  # DDP keeps the ranks' replicas identical
+    rows = [safe_open(tmp_path / f"{n}.safetensors", "pt").metadata()["rows"] for n in ("one_rank0", "ddp_rank0",
+                                                                                         "ddp_rank1")]
+    assert rows == ["80", "40", "40"]  # 2 epochs of 40 images, halved per rank
+    assert max((one[k] - init[k]).abs().max().item() for k in one) > 1e-3  # training moved the weights
+    for k in one:
+        torch.testing.assert_close(ddp[k], one[k], rtol=1e-4, atol=1e-5)

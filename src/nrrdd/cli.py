@@ -51,6 +51,8 @@ def cmd_evaluate(a) -> int:
     cfg = _student_cfg(a)
     r = evaluate(a.distilled, cfg, a.out, teacher_path=a.teacher, labels_dir=a.labels, device=a.device,
                  resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+    if not r:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     lab = r["labels"]
     extra = f"  labels {lab['payload_bytes']} B ({lab['ratio_vs_sl']}x smaller than SL)" if lab else ""
     print(f"{cfg.student} / {cfg.label_mode}: test {r['test_mean']:.2f} +- {r['test_std']:.2f}  "

@@ -15,7 +15,7 @@ from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.config import help_field, to_dict
 from nrrdd.data import Split, load_dataset, load_image_folder
-from nrrdd.dist import is_main
+from nrrdd.dist import barrier, init_from_env, is_main, mine, rank, world
 from nrrdd.io import (check_finite, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
                       save_tensors, sha256_bytes, write_json, write_manifest)
 from nrrdd.labels import LABEL_MODES, STORED_MODES, PlanSpec, label_slice, make_plan, mixed_batch, relabel, student_loss
@@ -48,6 +48,10 @@ class StudentConfig:
     seeds: int = help_field(3, "number of student seeds (0, 1, ...)")
     first_seed: int = help_field(0, "first student seed")
     checkpoint_every: int = help_field(25, "epochs between resumable checkpoints")
+    ddp: bool = help_field(False, "under torchrun, train each student with DistributedDataParallel, every rank a "
+                           "share of each batch (for large distilled sets; differs from one process's run by float "
+                           "rounding, and by per-rank BatchNorm statistics on CPU). Off: ranks train whole seeds, "
+                           "bit for bit as one process would")
 
     def __post_init__(self):
         if self.label_mode not in LABEL_MODES:
@@ -123,36 +127,47 @@ def load_labels(label_dir, mode: str, spec: PlanSpec, images: torch.Tensor) -> t
 # ---------------------------------------------------------------- one student
 
 def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfig, seed: int, device,
-                  mean, std, teacher=None, payload=None, state_path=None, progress=True):
-    """Train one student from scratch on the plan; returns the model after the final epoch."""
+                  mean, std, teacher=None, payload=None, state_path=None, progress=True, ddp=False):
+    """Train one student from scratch on the plan; returns the model after the final epoch.
+    With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
     plan = {k: v.to(device) for k, v in make_plan(spec).items()}
     payload = {k: v.to(device) for k, v in (payload or {}).items()}
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = create_model(cfg.student, num_classes, images.shape[-1], images.shape[1], **cfg.model_kwargs()).to(device)
+    net, rows = model, slice(None)
+    if ddp:
+        if spec.batch_size < world():
+            raise NrrddError(f"--ddp: batch size {spec.batch_size} leaves some of the {world()} ranks no images")
+        if device.type == "cuda":  # per-rank BatchNorm statistics over a few images each would change the recipe
+            model = net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+        rows = slice(rank(), None, world())  # DDP averages the ranks' gradients: the whole batch's mean loss
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     state, start = (TrainState(state_path) if state_path else None), 0
     if state is not None and state.exists():
         start = state.load(model, opt, gen)["epoch"]
+    saves = state is not None and (is_main() or not ddp)
     nb = math.ceil(spec.num_images / spec.batch_size)
-    model.train()
+    net.train()
     for epoch in tqdm(range(start, spec.epochs), desc=f"student seed {seed}", disable=not progress, leave=False,
                       initial=start, total=spec.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / (cfg.cosine_span * spec.epochs)))
         for b in range(nb):
-            x, y_org, y_aug, lam = mixed_batch(images, labels, plan, spec, epoch, b, mean, std)
+            x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, mean, std))
             if cfg.label_mode == "sl-online":
                 with torch.no_grad():
                     label = {"logits": teacher(x)}
             else:
-                label = label_slice(payload, spec, epoch, b, device)
-            loss = student_loss(cfg.label_mode, model(x), y_org, y_aug, lam, label, cfg.temperature, cfg.r,
+                label = {k: v[rows] for k, v in label_slice(payload, spec, epoch, b, device).items()}
+            loss = student_loss(cfg.label_mode, net(x), y_org, y_aug, lam, label, cfg.temperature, cfg.r,
                                 cfg.alpha_dbr, num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        if state is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == spec.epochs):
+        if saves and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == spec.epochs):
             check_finite(loss, f"student seed {seed} epoch {epoch + 1}")
             state.save(model, opt, gen, epoch=epoch + 1)
     return model
@@ -170,9 +185,13 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
             raise NrrddError(f"{out}: finished with another student recipe than this one; pass --overwrite to "
                              "replace it or choose another --out")
         return results
-    out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     t0 = time.time()
     dev = pick_device(device)
+    init_from_env(dev)
+    if is_main():
+        prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
+    barrier()
+    progress = progress and is_main()
     split, classes, record = load_distilled(distilled)
     spec_name = cfg.data or record.get("data", {}).get("spec")
     if not spec_name:
@@ -190,7 +209,9 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     if run_file.exists() and read_json(run_file) != settings:
         raise NrrddError(f"{out}: the unfinished evaluation there used another student recipe; resume it with the "
                          "same settings, or pass --overwrite to start again")
-    write_json(run_file, settings)
+    barrier()  # every rank has read the old run file before rank 0 writes the new one
+    if is_main():
+        write_json(run_file, settings)
 
     payload, labels_info = None, {}
     if cfg.label_mode in STORED_MODES:
@@ -199,29 +220,35 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
             if teacher is None:
                 raise NrrddError("stored labels need --teacher (or --labels from nrrdd relabel)")
             store_labels(out, teacher, images, labels, spec, cfg, mean, std, progress)
+        barrier()
         payload, _ = load_labels(label_file.parent, cfg.label_mode, spec, images)
         labels_info = label_accounting(label_file, (label_file.parent / "plan.safetensors").stat().st_size, payload,
                                        spec, len(classes))
     elif cfg.label_mode == "sl-online" and teacher is None:
         raise NrrddError("label mode sl-online needs a teacher: pass --teacher")
 
-    per_seed = []
-    for seed in range(cfg.first_seed, cfg.first_seed + cfg.seeds):
-        seed_file = out / "seeds" / f"seed_{seed}.json"
+    seeds, ddp = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)), cfg.ddp and world() > 1
+    for seed in seeds if ddp else mine(seeds):  # without DDP each rank trains whole seeds
+        seed_file, state_file = out / "seeds" / f"seed_{seed}.json", out / "seeds" / f".state_{seed}.pt"
         if seed_file.exists():
-            (out / "seeds" / f".state_{seed}.pt").unlink(missing_ok=True)  # killed between the two writes
-            per_seed.append(read_json(seed_file))
+            if is_main() or not ddp:
+                state_file.unlink(missing_ok=True)  # killed between the two writes
             continue
         ts = time.time()
         model = train_student(images, labels, len(classes), spec, cfg, seed, dev, mean, std, teacher, payload,
-                              state_path=out / "seeds" / f".state_{seed}.pt", progress=progress)
+                              state_path=state_file, progress=progress, ddp=ddp)
+        if ddp and not is_main():
+            continue
         r = {"seed": seed, "val_acc": accuracy(model, ds.val, mean, std, dev),
              "test_acc": accuracy(model, ds.test, mean, std, dev), "time_s": round(time.time() - ts, 1),
              "weights_sha256": sha256_bytes(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
                                                      for v in model.state_dict().values()))}
         write_json(seed_file, r)
-        (out / "seeds" / f".state_{seed}.pt").unlink(missing_ok=True)
-        per_seed.append(r)
+        state_file.unlink(missing_ok=True)
+    barrier()
+    if not is_main():
+        return {}
+    per_seed = [read_json(out / "seeds" / f"seed_{seed}.json") for seed in seeds]
 
     def stats(key):
         v = [r[key] for r in per_seed]
@@ -233,7 +260,8 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
                "teacher_arch": meta.get("arch"), "config": asdict(cfg), "plan": asdict(spec),
                "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed, "test_mean": test_mean,
                "test_std": test_std, "val_mean": val_mean, "val_std": val_std, "labels": labels_info,
-               "distilled_config": record.get("config"), "wall_time_s": round(time.time() - t0, 1), **provenance()}
+               "distilled_config": record.get("config"), "processes": world(),
+               "wall_time_s": round(time.time() - t0, 1), **provenance()}
     write_json(out / "results.json", results)
     run_file.unlink()
     write_manifest(out, {"kind": "evaluation"})
