@@ -416,3 +416,17 @@ def test_evaluate_without_data_name_raises(tmp_path):
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a" / "0.png")
     with pytest.raises(NrrddError, match="--data"):
         evaluate(folder, StudentConfig(label_mode="onehot"), tmp_path / "out", device="cpu", progress=False)
+
+
+def test_evaluate_resume_with_more_seeds_trains_only_the_new_ones(tmp_path, distilled_digits, digits, monkeypatch):
+    import nrrdd.evaluate as ev
+    cfg = StudentConfig(label_mode="onehot", epochs=2, seeds=1, width=8)
+    out = tmp_path / "ev"
+    one = evaluate(distilled_digits, cfg, out, device="cpu", progress=False, data=digits)
+    real, calls = ev.train_student, []
+    monkeypatch.setattr(ev, "train_student", lambda *a, **k: (calls.append(a[5]), real(*a, **k))[1])
+    three = evaluate(distilled_digits, replace(cfg, seeds=3), out, device="cpu", resume=True, progress=False,
+                     data=digits)
+    assert calls == [1, 2] and three["seeds"] == [0, 1, 2]
+    assert three["per_seed"][0] == one["per_seed"][0]
+    assert verify_dir(out) == [] and not list(out.glob(".*"))

@@ -175,21 +175,29 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
 
 # ---------------------------------------------------------------- evaluate: several seeds, one results file
 
+def recipe(settings: dict) -> dict:
+    """What makes two runs' per-seed results interchangeable: all but which seeds run and how often to save."""
+    return {k: v for k, v in settings.items() if k not in ("seeds", "first_seed", "checkpoint_every")}
+
+
 def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_dir=None, device="auto",
              resume=False, overwrite=False, progress=True, data=None) -> dict:
     out = Path(out_dir)
     settings = to_dict(cfg)
     if resume and (out / "results.json").exists() and (out / "manifest.json").exists():
         results = read_json(out / "results.json")
-        if results.get("config") != settings:
+        if recipe(results.get("config", {})) != recipe(settings):
             raise NrrddError(f"{out}: finished with another student recipe than this one; pass --overwrite to "
                              "replace it or choose another --out")
-        return results
+        if results["seeds"] == list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)):
+            return results
+        # other seeds of the same recipe: train the missing ones, reuse the others' files
     t0 = time.time()
     dev = pick_device(device)
     init_from_env(dev)
     if is_main():
         prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
+        (out / "manifest.json").unlink(missing_ok=True)  # marks a finished run; rewritten when this one ends
     barrier()
     progress = progress and is_main()
     split, classes, record = load_distilled(distilled)
@@ -206,7 +214,7 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     spec = plan_spec(cfg, len(split), ipc, len(classes), split.images.shape[-1])
     images, labels = split.images.to(dev), split.labels.to(dev)
     run_file = out / ".evaluate_config.json"  # present while unfinished: a --resume must use the same recipe
-    if run_file.exists() and read_json(run_file) != settings:
+    if run_file.exists() and recipe(read_json(run_file)) != recipe(settings):
         raise NrrddError(f"{out}: the unfinished evaluation there used another student recipe; resume it with the "
                          "same settings, or pass --overwrite to start again")
     barrier()  # every rank has read the old run file before rank 0 writes the new one
