@@ -151,8 +151,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":  # under torchrun each rank takes its own GPU
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # under torchrun each rank takes its own GPU
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise NrrddError(f"--device {name}: no CUDA device is visible; use --device cpu")
     dev = torch.device(name)
