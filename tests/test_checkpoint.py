@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, read_meta, save_model
-from nrrdd.io import atomic_path, prepare_out_dir, read_json, verify_dir, write_bytes, write_json, write_manifest
+from nrrdd.io import _UMASK, atomic_path, prepare_out_dir, read_json, verify_dir, write_bytes, write_json, write_manifest
 from nrrdd.models import create_model
 
 CLASSES = ["cat", "dog", "emu"]
@@ -157,6 +157,13 @@ def test_atomic_path_success_leaves_no_temp(tmp_path):
         assert not target.exists()  # nothing visible until the block succeeds
     assert target.read_bytes() == b"new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["out.bin"]
+
+
+def test_atomic_path_gives_files_the_umask_mode_not_0600(tmp_path):
+    """Outputs must be as readable as any file the user creates (0644 under the usual umask 022)."""
+    with atomic_path(tmp_path / "out.bin") as tmp:
+        tmp.write_bytes(b"x")
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~_UMASK
 
 
 def test_atomic_path_failure_keeps_old_file(tmp_path):

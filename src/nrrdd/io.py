@@ -18,6 +18,8 @@ import torch
 from nrrdd import NrrddError, __version__
 
 MANIFEST = "manifest.json"
+_UMASK = os.umask(0)  # read the umask (there is no getter) and put it back
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -32,6 +34,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would hide outputs from everyone else on the machine
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
