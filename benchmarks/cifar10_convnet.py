@@ -44,10 +44,16 @@ def distill_job(name: str, preset: str, overrides: dict, device: str) -> str:
     return str(out)
 
 
+def eval_key(distilled: str) -> str:
+    import hashlib
+    return hashlib.sha256(Path(distilled).name.encode()).hexdigest()[:8]
+
+
 def eval_job(cell: str, distilled: str, student: dict, dest: str, device: str) -> dict:
     from nrrdd.evaluate import StudentConfig, evaluate
     from nrrdd.io import write_json
-    r = evaluate(distilled, StudentConfig(**{**student, **SMOKE.get("student", {})}), WORK / "eval" / cell, device=device, resume=True,
+    work = WORK / "eval" / f"{cell}@{eval_key(distilled)}"  # a changed distilled set starts afresh
+    r = evaluate(distilled, StudentConfig(**{**student, **SMOKE.get("student", {})}), work, device=device, resume=True,
                  progress=False)
     write_json(dest, r)
     return r

@@ -430,3 +430,19 @@ def test_evaluate_resume_with_more_seeds_trains_only_the_new_ones(tmp_path, dist
     assert calls == [1, 2] and three["seeds"] == [0, 1, 2]
     assert three["per_seed"][0] == one["per_seed"][0]
     assert verify_dir(out) == [] and not list(out.glob(".*"))
+
+
+def test_evaluate_resume_refuses_another_distilled_set(tmp_path, distilled_digits, digits):
+    """Seeds trained on one distilled set must never be reused for another (here: one image changed)."""
+    import shutil
+    from PIL import Image
+    other = tmp_path / "other"
+    shutil.copytree(distilled_digits, other)
+    png = sorted((other / "images").rglob("*.png"))[0]
+    Image.fromarray(255 - np.asarray(Image.open(png))).save(png)
+    cfg = StudentConfig(label_mode="onehot", epochs=1, seeds=1, width=8)
+    out = tmp_path / "ev"
+    evaluate(distilled_digits, cfg, out, device="cpu", progress=False, data=digits)
+    for seeds in (1, 2):  # whether finished or asked for more seeds
+        with pytest.raises(NrrddError, match="distilled set"):
+            evaluate(other, replace(cfg, seeds=seeds), out, device="cpu", resume=True, progress=False, data=digits)

@@ -17,7 +17,7 @@ from nrrdd.config import help_field, to_dict
 from nrrdd.data import Split, load_dataset, load_image_folder
 from nrrdd.dist import barrier, init_from_env, is_main, mine, rank, world
 from nrrdd.io import (check_finite, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
-                      save_tensors, sha256_bytes, write_json, write_manifest)
+                      save_tensors, sha256_bytes, sha256_file, write_json, write_manifest)
 from nrrdd.labels import LABEL_MODES, STORED_MODES, PlanSpec, label_slice, make_plan, mixed_batch, relabel, student_loss
 from nrrdd.models import create_model
 from nrrdd.train import TrainState, accuracy, param_groups
@@ -184,11 +184,20 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
              resume=False, overwrite=False, progress=True, data=None) -> dict:
     out = Path(out_dir)
     settings = to_dict(cfg)
+    split, classes, record = load_distilled(distilled)
+    teacher_path = teacher_path or record.get("teacher", {}).get("path")
+    # a resumed run may reuse per-seed results only if they come from the same images and teacher
+    inputs = {"images_sha256": images_digest(split.images),
+              "teacher_sha256": sha256_file(teacher_path) if teacher_path and Path(teacher_path).is_file() else None}
+
+    def check_same_run(stored: dict) -> None:  # results.json and the unfinished-run file both hold these keys
+        if recipe(stored.get("config", {})) != recipe(settings) or stored.get("inputs") != inputs:
+            raise NrrddError(f"{out}: made with another student recipe, distilled set or teacher than this run; "
+                             "pass --overwrite to replace it or choose another --out")
+
     if resume and (out / "results.json").exists() and (out / "manifest.json").exists():
         results = read_json(out / "results.json")
-        if recipe(results.get("config", {})) != recipe(settings):
-            raise NrrddError(f"{out}: finished with another student recipe than this one; pass --overwrite to "
-                             "replace it or choose another --out")
+        check_same_run(results)
         if results["seeds"] == list(range(cfg.first_seed, cfg.first_seed + cfg.seeds)):
             return results
         # other seeds of the same recipe: train the missing ones, reuse the others' files
@@ -200,26 +209,23 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
         (out / "manifest.json").unlink(missing_ok=True)  # marks a finished run; rewritten when this one ends
     barrier()
     progress = progress and is_main()
-    split, classes, record = load_distilled(distilled)
     spec_name = cfg.data or record.get("data", {}).get("spec")
     if not spec_name:
         raise NrrddError(f"{distilled}: no distill.json names the data set; pass --data for the test split")
     ds = data or load_dataset(spec_name, progress=progress)
     if classes != ds.classes:
         raise NrrddError(f"{distilled}: distilled classes {classes} do not match the test set's {ds.classes}")
-    teacher_path = teacher_path or record.get("teacher", {}).get("path")
     teacher, meta = (load_model(teacher_path, classes=ds.classes, device=dev) if teacher_path else (None, {}))
     mean, std = (meta["mean"], meta["std"]) if meta else (ds.mean, ds.std)
     ipc = record.get("ipc") or math.ceil(len(split) / len(classes))
     spec = plan_spec(cfg, len(split), ipc, len(classes), split.images.shape[-1])
     images, labels = split.images.to(dev), split.labels.to(dev)
     run_file = out / ".evaluate_config.json"  # present while unfinished: a --resume must use the same recipe
-    if run_file.exists() and recipe(read_json(run_file)) != recipe(settings):
-        raise NrrddError(f"{out}: the unfinished evaluation there used another student recipe; resume it with the "
-                         "same settings, or pass --overwrite to start again")
+    if run_file.exists():
+        check_same_run(read_json(run_file))
     barrier()  # every rank has read the old run file before rank 0 writes the new one
     if is_main():
-        write_json(run_file, settings)
+        write_json(run_file, {"config": settings, "inputs": inputs})
 
     payload, labels_info = None, {}
     if cfg.label_mode in STORED_MODES:
@@ -266,7 +272,7 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     results = {"kind": "evaluation", "distilled": str(distilled), "preset": record.get("preset"), "ipc": ipc,
                "data": spec_name, "teacher": str(teacher_path) if teacher_path else None,
                "teacher_arch": meta.get("arch"), "config": asdict(cfg), "plan": asdict(spec),
-               "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed, "test_mean": test_mean,
+               "inputs": inputs, "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed, "test_mean": test_mean,
                "test_std": test_std, "val_mean": val_mean, "val_std": val_std, "labels": labels_info,
                "distilled_config": record.get("config"), "processes": world(),
                "wall_time_s": round(time.time() - t0, 1), **provenance()}
