@@ -111,6 +111,17 @@ def evaluate_cells(cells: list[dict], workers: int, device: str, distill_only: b
 
 # ---------------------------------------------------------------- search (validation only)
 
+def load_chosen() -> dict:
+    """The settings chosen on validation so far (empty before any search)."""
+    f = RESULTS / "chosen.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def save_chosen(chosen: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "chosen.json").write_text(json.dumps(chosen, indent=2))
+
+
 def best(trials: list[dict], keys: list[str]) -> dict:
     top = max(trials, key=lambda r: r["val_mean"])
     return {k: top["_params"][k] for k in keys}
@@ -149,7 +160,7 @@ def search(workers: int, device: str, seeds: int) -> dict:
         winner, entry = search_round(name, grid, chosen, workers, device, seeds)
         chosen.update(winner)
         log.append(entry)
-        (RESULTS / "chosen.json").write_text(json.dumps({"synth": chosen, "rounds": log, "partial": True}, indent=2))
+        save_chosen({"synth": chosen, "rounds": log, "partial": True})
     # Student side: DBR weight and threshold, on the images chosen above.
     cells = []
     for a_dbr, r in itertools.product([0.1, 1.0, 10.0], [0.3, 0.6931]):
@@ -165,7 +176,7 @@ def search(workers: int, device: str, seeds: int) -> dict:
                 "chosen": student})
     out = {"synth": chosen, "student_dbr": student, "rounds": log, "selection": "max val_mean (5,000 held-out "
            "training images); test accuracy never consulted", "seeds_per_trial": seeds}
-    (RESULTS / "chosen.json").write_text(json.dumps(out, indent=2))
+    save_chosen(out)
     return out
 
 
@@ -177,13 +188,12 @@ def search_temperature(workers: int, device: str, seeds: int, temps=(1.0, 2.0, 4
               "dest": str(RESULTS / "search" / f"search_temperature_T{t}.json")} for t in temps]
     results = evaluate_cells(cells, workers, device)
     top = max(results, key=lambda r: r["val_mean"])
-    chosen_file = RESULTS / "chosen.json"
-    chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
+    chosen = load_chosen()
     chosen["student"] = {"temperature": top["config"]["temperature"]}
     chosen.setdefault("rounds", []).append({"round": "student_temperature", "trials": [
         {"params": {"temperature": r["config"]["temperature"]}, "val_mean": r["val_mean"], "val_std": r["val_std"]}
         for r in results], "chosen": chosen["student"]})
-    chosen_file.write_text(json.dumps(chosen, indent=2))
+    save_chosen(chosen)
     return chosen["student"]
 
 
@@ -295,17 +305,15 @@ def main() -> None:
     if a.phase == "search":
         print(json.dumps(search(a.workers, a.device, a.seeds)["synth"]))
     elif a.phase == "search-round":
-        chosen_file = RESULTS / "chosen.json"
-        chosen = json.loads(chosen_file.read_text())
+        chosen = load_chosen()
         winner, entry = search_round(a.round[0], json.loads(a.round[1]), chosen["synth"], a.workers, a.device, a.seeds)
         chosen["synth"].update(winner)
         chosen["rounds"].append(entry)
-        chosen_file.write_text(json.dumps(chosen, indent=2))
+        save_chosen(chosen)
     elif a.phase == "search-temperature":
         print(json.dumps(search_temperature(a.workers, a.device, a.seeds)))
     elif a.phase == "grid":
-        chosen_file = RESULTS / "chosen.json"
-        chosen = json.loads(chosen_file.read_text()) if chosen_file.exists() else {}
+        chosen = load_chosen()
         evaluate_cells(grid_cells(chosen, a.ipc, a.students, a.presets, a.modes, a.grid_seeds), a.workers, a.device,
                        a.distill_only)
     summary() if a.phase == "summary" or (a.phase == "grid" and not a.distill_only) else None
