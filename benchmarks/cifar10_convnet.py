@@ -37,7 +37,7 @@ SMOKE = json.loads(os.environ.get("BENCH_SMOKE", "{}"))  # e.g. {"synth": {"iter
 
 def distill_job(name: str, preset: str, overrides: dict, device: str) -> str:
     from nrrdd.distill import distill
-    from nrrdd.synth import preset_config
+    from nrrdd.config import preset_config
     out = WORK / "distilled" / name
     distill(DATA, TEACHER, preset_config(preset, overrides, SMOKE.get("synth")), out, preset=preset, device=device, resume=True,
             progress=False)
@@ -50,8 +50,9 @@ def eval_key(distilled: str) -> str:
 
 
 def eval_job(cell: str, distilled: str, student: dict, dest: str, device: str) -> dict:
-    from nrrdd.evaluate import StudentConfig, evaluate
-    from nrrdd.io import write_json
+    from nrrdd.config import StudentConfig
+    from nrrdd.evaluate import evaluate
+    from nrrdd.files import write_json
     work = WORK / "eval" / f"{cell}@{eval_key(distilled)}"  # a changed distilled set starts afresh
     r = evaluate(distilled, StudentConfig(**{**student, **SMOKE.get("student", {})}), work, device=device, resume=True,
                  progress=False)

@@ -17,8 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from nrrdd.io import provenance  # noqa: E402
-from nrrdd.synth import PRESETS  # noqa: E402
+from nrrdd.files import provenance  # noqa: E402
+from nrrdd.config import PRESETS  # noqa: E402
 
 
 def main() -> None:

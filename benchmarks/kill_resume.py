@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(), "torch": torch.__version__, "threads": "OMP_NUM_THREADS=1",
         "wall_time_s": round(time.monotonic() - t_start, 1),
     }
-    from nrrdd.io import write_json
+    from nrrdd.files import write_json
     write_json(a.out, result)
     print(f"all match: {result['all_match']} ({result['kills_landed']} of 9 kills landed) -> {a.out}")
     return 0 if result["all_match"] else 1

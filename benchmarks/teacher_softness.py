@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 from nrrdd.checkpoint import load_model  # noqa: E402
 from nrrdd.data import load_dataset, normalize  # noqa: E402
-from nrrdd.io import provenance, write_json  # noqa: E402
+from nrrdd.files import provenance, write_json  # noqa: E402
 
 t0 = time.time()
 ds = load_dataset("cifar10", progress=False)

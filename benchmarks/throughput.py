@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from nrrdd.cam import class_activation_maps  # noqa: E402
-from nrrdd.io import pick_device, provenance  # noqa: E402
+from nrrdd.files import pick_device, provenance  # noqa: E402
 from nrrdd.losses import BNStats, bn_stat_loss  # noqa: E402
 from nrrdd.models import create_model  # noqa: E402
 

@@ -78,7 +78,8 @@ def digits():
 @pytest.fixture(scope="session")
 def digits_teacher(tmp_path_factory, digits):
     """A tiny ConvNet-3 teacher (width 16, 2 epochs) on the embedded digits, shared by the whole session."""
-    from nrrdd.train import TeacherConfig, train_teacher
+    from nrrdd.config import TeacherConfig
+    from nrrdd.train import train_teacher
     out = tmp_path_factory.mktemp("teacher")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NRRDD_CACHE", str(out / "cache"))

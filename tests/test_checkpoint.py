@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, read_meta, save_model
-from nrrdd.io import _UMASK, atomic_path, prepare_out_dir, read_json, verify_dir, write_bytes, write_json, write_manifest
+from nrrdd.files import _UMASK, atomic_path, read_json, verify_dir, write_bytes, write_json, write_manifest
 from nrrdd.models import create_model
 
 CLASSES = ["cat", "dog", "emu"]
@@ -240,21 +240,3 @@ def test_verify_without_manifest(tmp_path):
     (tmp_path / "x").mkdir()
     problems = verify_dir(tmp_path / "x")
     assert len(problems) == 1 and "manifest.json" in problems[0]
-
-
-# ---------------------------------------------------------------- output folders
-
-def test_prepare_out_dir(tmp_path):
-    out = tmp_path / "run"
-    assert prepare_out_dir(out) == out and out.is_dir()
-    assert prepare_out_dir(out) == out  # empty: fine
-    (out / "old.txt").write_text("old")
-    with pytest.raises(NrrddError) as e:
-        prepare_out_dir(out)
-    msg = str(e.value)
-    assert str(out) in msg and "--resume" in msg and "--overwrite" in msg
-    assert (out / "old.txt").exists()
-    prepare_out_dir(out, resume=True)
-    assert (out / "old.txt").exists()  # resume keeps what is there
-    prepare_out_dir(out, overwrite=True)
-    assert out.is_dir() and list(out.iterdir()) == []  # overwrite starts afresh

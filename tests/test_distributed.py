@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nrrdd.train import TeacherConfig, train_teacher
+from nrrdd.config import TeacherConfig
+from nrrdd.train import train_teacher
 
 
 def _run(args, env, nproc=1):

@@ -33,8 +33,10 @@ import nrrdd.synth
 import nrrdd.train
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, save_model
-from nrrdd.cli import main
-from nrrdd.io import load_tensors, save_tensors, verify_dir, write_json
+from nrrdd.cli import build_parser, main
+from nrrdd.config import TeacherConfig, build_config, to_dict
+from nrrdd.outdir import RUN_FILE
+from nrrdd.files import load_tensors, save_tensors, verify_dir, write_json
 from nrrdd.models import create_model
 from nrrdd.train import TrainState, param_groups
 from nrrdd.viz import save_png
@@ -342,12 +344,12 @@ def test_labels_of_another_distilled_set_are_refused(refs, tmp_path, capsys):
     other, labels = tmp_path / "other", tmp_path / "labels"
     assert main(["distill", "--data", "digits", "--teacher", str(refs.teacher), "--preset", "random", "--ipc", "2",
                  "--device", "cpu", "--quiet", "--out", str(other)]) == 0
-    recipe = ["--label-mode", "dbr", "--epochs", "2", "--width", "8", "--device", "cpu", "--quiet"]
+    recipe = ["--label-mode", "dbr", "--epochs", "2", "--device", "cpu", "--quiet"]
     assert main(["relabel", "--distilled", str(other), "--teacher", str(refs.teacher), *recipe,
                  "--out", str(labels)]) == 0
     capsys.readouterr()
     assert main(["evaluate", "--distilled", str(refs.distilled), "--labels", str(labels), "--seeds", "1", *recipe,
-                 "--out", str(tmp_path / "e")]) == 2
+                 "--width", "8", "--out", str(tmp_path / "e")]) == 2
     line = one_error_line(capsys, "evaluate")
     assert "labels_dbr.safetensors" in line and "other images" in line
 
@@ -418,6 +420,9 @@ def test_bad_inputs_as_a_user_sees_them(refs, tmp_path, capsys):
     teacher = tmp_path / "t"
     teacher.mkdir()
     _write_evil(teacher / "state.pt", marker, "pickle")
+    # an unfinished run of this very command, so --resume goes on to read the state
+    args = build_parser().parse_args(KR.command("train-teacher", teacher, resume=True)[3:])
+    write_json(teacher / RUN_FILE, {"command": "train-teacher", "settings": to_dict(build_config(TeacherConfig, args))})
     proc = subprocess.Popen(KR.command("train-teacher", teacher, resume=True), env=refs.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -15,12 +15,12 @@ from nrrdd import NrrddError
 from nrrdd.augment import crop_resize
 from nrrdd.data import normalize
 from nrrdd.distill import distill
-from nrrdd.evaluate import StudentConfig, evaluate, label_accounting, load_labels, store_labels
-from nrrdd.io import verify_dir
-from nrrdd.labels import (LABEL_MODES, PlanSpec, label_slice, make_plan, mixed_batch, student_loss,
+from nrrdd.config import LABEL_MODES, StudentConfig, preset_config
+from nrrdd.evaluate import evaluate, label_accounting, load_labels, store_labels
+from nrrdd.files import verify_dir
+from nrrdd.labels import (PlanSpec, label_slice, make_plan, mixed_batch, student_loss,
                           teacher_payload)
 from nrrdd.models import create_model
-from nrrdd.synth import preset_config
 
 MEAN, STD = (0.5, 0.4, 0.45), (0.25, 0.3, 0.2)
 
@@ -383,7 +383,7 @@ def test_evaluate_resume_continues_the_same_recipe_only(tmp_path, distilled_digi
         evaluate(distilled_digits, cfg, out, device="cpu", progress=False, data=digits)
     assert (out / "seeds" / "seed_0.json").exists() and not (out / "results.json").exists()
     # another recipe (more epochs) must not reuse seed 0's result
-    with pytest.raises(NrrddError, match="another student recipe"):
+    with pytest.raises(NrrddError, match="other settings .differing: config.epochs"):
         evaluate(distilled_digits, replace(cfg, epochs=3), out, device="cpu", resume=True, progress=False,
                  data=digits)
     calls.clear()
@@ -393,7 +393,7 @@ def test_evaluate_resume_continues_the_same_recipe_only(tmp_path, distilled_digi
     assert r["seeds"] == [0, 1]
     assert r["per_seed"][0] == json.loads((out / "seeds" / "seed_0.json").read_text())
     assert verify_dir(out) == [] and not list(out.glob(".*"))
-    with pytest.raises(NrrddError, match="another student recipe"):
+    with pytest.raises(NrrddError, match="other settings .differing: config.epochs"):
         evaluate(distilled_digits, replace(cfg, epochs=3), out, device="cpu", resume=True, progress=False,
                  data=digits)
 

@@ -9,7 +9,8 @@ import torch.nn as nn
 
 from nrrdd.losses import (BNStats, bn_stat_loss, dbr_match_loss, hinge_distance_loss, noncritical_mask,
                           soft_cross_entropy, soft_kl)
-from nrrdd.synth import SynthConfig, refine_batch
+from nrrdd.config import SynthConfig
+from nrrdd.synth import refine_batch
 
 
 @pytest.fixture(autouse=True)

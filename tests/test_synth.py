@@ -20,10 +20,11 @@ from nrrdd.cam import class_activation_maps
 from nrrdd.checkpoint import load_model
 from nrrdd.data import normalize
 from nrrdd.distill import distill
-from nrrdd.io import verify_dir
+from nrrdd.files import verify_dir
 from nrrdd.losses import noncritical_mask
 from nrrdd.models import create_model
-from nrrdd.synth import PRESETS, SynthConfig, initial_images, preset_config, refine_batch, refine_images, to_uint8
+from nrrdd.config import PRESETS, SynthConfig, preset_config
+from nrrdd.synth import initial_images, refine_batch, refine_images, to_uint8
 
 # 20 images in 2 refinement batches of 10: small, and the batch split is exercised (resume uses it)
 FAST = {"iterations": 5, "ipc": 2, "pool_per_class": 20, "refine_batch": 10}
@@ -369,7 +370,7 @@ def test_resume_on_finished_folder_recomputes_nothing(tmp_path, preset_runs, dig
     assert rec == json.loads((out / "distill.json").read_text())
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     # a finished folder made with other settings is not passed off as the asked-for result
-    with pytest.raises(NrrddError, match="other synthesis settings"):
+    with pytest.raises(NrrddError, match="other settings"):
         distill(digits, digits_teacher, preset_config("cidd", FAST, {"ipc": 3}), out, device="cpu", resume=True,
                 progress=False)
 
@@ -397,7 +398,7 @@ def test_resume_after_interrupted_refinement(tmp_path, preset_runs, digits, digi
     assert not (out / "manifest.json").exists()
 
     # a resume with other settings would mix two runs: refused, and the partial run is left as it was
-    with pytest.raises(NrrddError, match="other synthesis settings"):
+    with pytest.raises(NrrddError, match="other settings"):
         distill(digits, digits_teacher, preset_config("nrrdd", FAST, {"ipc": 3}), out, device="cpu", resume=True,
                 progress=False)
     assert (out / ".work" / "refined_00000.safetensors").exists()

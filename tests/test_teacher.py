@@ -12,8 +12,9 @@ import nrrdd.train as T
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.data import load_dataset
-from nrrdd.io import verify_dir
-from nrrdd.train import TeacherConfig, TrainState, accuracy, one_cycle, train_teacher
+from nrrdd.files import verify_dir
+from nrrdd.config import TeacherConfig
+from nrrdd.train import TrainState, accuracy, one_cycle, train_teacher
 
 
 def tiny(**kw) -> TeacherConfig:

@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
 
 from nrrdd import NrrddError
-from nrrdd.io import atomic_path
+from nrrdd.files import atomic_path
 from nrrdd.models import Net, create_model
 
 REQUIRED = ("arch", "classes", "image_size", "channels", "mean", "std")

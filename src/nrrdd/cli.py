@@ -7,20 +7,32 @@ import sys
 from nrrdd import NrrddError, __version__
 from nrrdd.config import add_config_args, build_config, load_config_file
 
+DEFAULT_THREADS = 0
 
-def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1 ...")
-    p.add_argument("--config", help="JSON file of config fields, applied under the command-line flags")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="CPU threads of this process (0: torch's "
+                   f"default, one per core) (default: {DEFAULT_THREADS}; see the README for measurements)")
+    if config:
+        p.add_argument("--config", help="JSON file of config fields, applied under the command-line flags")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    if out:
-        p.add_argument("--out", required=True, help="output folder")
-        p.add_argument("--resume", action="store_true", help="continue a killed run in --out from its last checkpoint")
-        p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--out", required=True, help="output folder (created; never one holding files nrrdd did not write)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out that a kill interrupted (same "
+                   "command and settings), or return the finished one")
+    p.add_argument("--overwrite", action="store_true", help="replace the nrrdd run in --out (only a folder nrrdd "
+                   "wrote; moved aside and deleted once the new run has started)")
+
+
+def _no_verify(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--no-verify", dest="verify", action="store_false", help=f"use {what} even if it no longer "
+                   "matches its manifest.json (or has none)")
 
 
 def cmd_train_teacher(a) -> int:
-    from nrrdd.train import TeacherConfig, train_teacher
-    cfg = build_config(TeacherConfig, load_config_file(a.config) if a.config else None, a)
+    from nrrdd.config import TeacherConfig
+    from nrrdd.train import train_teacher
+    cfg = build_config(TeacherConfig, _config_file(a), a)
     r = train_teacher(cfg, a.out, a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     print(f"teacher {cfg.arch} on {cfg.data}: val {r['val_acc']:.2f}%  test {r['test_acc']:.2f}%  "
           f"({r['wall_time_s']:.0f} s) -> {a.out}/teacher.safetensors")
@@ -28,9 +40,9 @@ def cmd_train_teacher(a) -> int:
 
 
 def cmd_distill(a) -> int:
+    from nrrdd.config import preset_config
     from nrrdd.distill import distill
-    from nrrdd.synth import preset_config
-    cfg = preset_config(a.preset, load_config_file(a.config) if a.config else None, a)
+    cfg = preset_config(a.preset, _config_file(a), a)
     r = distill(a.data, a.teacher, cfg, a.out, preset=a.preset, device=a.device, resume=a.resume,
                 overwrite=a.overwrite, progress=not a.quiet)
     if not r:  # a torchrun rank other than 0: rank 0 reports
@@ -41,16 +53,20 @@ def cmd_distill(a) -> int:
     return 0
 
 
-def _student_cfg(a):
-    from nrrdd.evaluate import StudentConfig
-    return build_config(StudentConfig, load_config_file(a.config) if a.config else None, a)
+def _config_file(a, only=None) -> dict | None:
+    """The --config file's fields; with `only`, those a command reads (relabel ignores the training recipe)."""
+    if not a.config:
+        return None
+    cfg = load_config_file(a.config)
+    return {k: v for k, v in cfg.items() if k in only} if only is not None and isinstance(cfg, dict) else cfg
 
 
 def cmd_evaluate(a) -> int:
     from nrrdd.evaluate import evaluate
-    cfg = _student_cfg(a)
+    from nrrdd.config import StudentConfig
+    cfg = build_config(StudentConfig, _config_file(a), a)
     r = evaluate(a.distilled, cfg, a.out, teacher_path=a.teacher, labels_dir=a.labels, device=a.device,
-                 resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
+                 resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, verify=a.verify)
     if not r:  # a torchrun rank other than 0: rank 0 reports
         return 0
     lab = r["labels"]
@@ -61,75 +77,55 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_relabel(a) -> int:
-    from pathlib import Path
-    from nrrdd.checkpoint import load_model
-    from nrrdd.evaluate import STORED_MODES, load_distilled, plan_spec, store_labels
-    from nrrdd.io import pick_device, prepare_out_dir, write_json, write_manifest
-    cfg = _student_cfg(a)
-    if cfg.label_mode not in STORED_MODES:
-        raise NrrddError(f"--label-mode {cfg.label_mode}: relabel stores {', '.join(STORED_MODES)}")
-    from nrrdd.dist import barrier, init_from_env, is_main
-    dev = pick_device(a.device)
-    init_from_env(dev)
-    split, classes, record = load_distilled(a.distilled)
-    teacher, meta = load_model(a.teacher, classes=classes, device=dev)
-    out = Path(a.out)
-    if is_main():
-        prepare_out_dir(out, overwrite=a.overwrite, resume=a.resume)
-    barrier()
-    spec = plan_spec(cfg, len(split), record.get("ipc") or len(split) // len(classes), len(classes),
-                     split.images.shape[-1])
-    info = store_labels(out, teacher, split.images.to(dev), split.labels.to(dev), spec, cfg, meta["mean"],
-                        meta["std"], progress=not a.quiet and is_main())
-    if not is_main():
-        return 0
-    write_json(out / "labels.json", {"distilled": a.distilled, "teacher": a.teacher, "config": vars(cfg), **info})
-    write_manifest(out, {"kind": "labels", "mode": cfg.label_mode})
-    print(f"{cfg.label_mode}: {info['payload_bytes']} B payload ({info['ratio_vs_sl']}x smaller than soft labels), "
-          f"{info['bookkeeping_bytes']} B plan -> {a.out}")
+    from nrrdd.config import RELABEL_FIELDS, StudentConfig
+    from nrrdd.labels import relabel_set
+    cfg = build_config(StudentConfig, _config_file(a, RELABEL_FIELDS), a)
+    info = relabel_set(a.distilled, a.teacher, cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite,
+                       progress=not a.quiet, verify=a.verify)
+    if info:  # a torchrun rank other than 0 reports nothing
+        print(f"{cfg.label_mode}: {info['payload_bytes']} B payload ({info['ratio_vs_sl']}x smaller than soft labels), "
+              f"{info['bookkeeping_bytes']} B plan -> {a.out}")
     return 0
 
 
 def cmd_report(a) -> int:
-    from nrrdd.io import write_bytes
-    from nrrdd.report import accuracy_plot, load_results, markdown_table
-    results = load_results(a.results)
+    from nrrdd.report import load_results, write_report
+    results = load_results(a.results, verify=a.verify)
     if not results:
-        raise NrrddError(f"no evaluation results.json found in {a.results}")
-    table = markdown_table(results)
-    write_bytes(a.out, table.encode())
-    accuracy_plot(results, a.plot or str(a.out).rsplit(".", 1)[0] + ".png")
-    print(table)
+        raise NrrddError(f"no evaluation results.json found in {' '.join(a.results)}")
+    print(write_report(results, a.out, a.plot), end="")
     return 0
 
 
 def cmd_demo(a) -> int:
     """The whole pipeline on the embedded digits: teacher, three distilled sets, students, report."""
-    from pathlib import Path
+    from nrrdd.config import StudentConfig, TeacherConfig, preset_config
     from nrrdd.data import load_dataset
     from nrrdd.distill import distill
-    from nrrdd.evaluate import StudentConfig, evaluate
-    from nrrdd.io import prepare_out_dir
-    from nrrdd.report import accuracy_plot, markdown_table
-    from nrrdd.synth import preset_config
-    from nrrdd.train import TeacherConfig, train_teacher
-    out = prepare_out_dir(a.out, overwrite=a.overwrite, resume=a.resume)
+    from nrrdd.evaluate import evaluate
+    from nrrdd.outdir import check_out, finish_out, open_out
+    from nrrdd.report import write_report
+    from nrrdd.train import train_teacher
+    settings = {"ipc": a.ipc}
+    out = open_out(a.out, "demo", settings, check_out(a.out, "demo", settings, a.overwrite, a.resume))
     ds = load_dataset("digits")
     progress = not a.quiet
+    # every stage below resumes: the demo folder itself was checked, and its sub-folders hold only its runs
     t = train_teacher(TeacherConfig(data="digits", width=32, epochs=15, batch_size=128, lr=0.05), out / "teacher",
-                      a.device, resume=a.resume, data=ds, progress=progress)
+                      a.device, resume=True, data=ds, progress=progress)
     print(f"[1/3] teacher: val {t['val_acc']:.1f}%  test {t['test_acc']:.1f}%", flush=True)
     results = []
     for preset in ("nrrdd", "rded", "random"):
+        # 60 refinement steps instead of 300: digits' 8x8 sources upsampled to 32 px have little to refine
         d = distill(ds, out / "teacher" / "teacher.safetensors", preset_config(preset, {"ipc": a.ipc, "iterations": 60}),
-                    out / f"distilled_{preset}", preset=preset, device=a.device, resume=a.resume, progress=progress)
+                    out / f"distilled_{preset}", preset=preset, device=a.device, resume=True, progress=progress)
         r = evaluate(out / f"distilled_{preset}", StudentConfig(width=32, epochs=80, seeds=2, data="digits"),
-                     out / f"eval_{preset}", device=a.device, resume=a.resume, progress=progress, data=ds)
+                     out / f"eval_{preset}", device=a.device, resume=True, progress=progress, data=ds)
         results.append(r)
         print(f"[2/3] {preset:7s} IPC {a.ipc}: distilled in {d['timings']['total_s']:.0f} s, student test "
               f"{r['test_mean']:.1f} +- {r['test_std']:.1f}% (val {r['val_mean']:.1f}%)", flush=True)
-    Path(out / "report.md").write_text(markdown_table(results))
-    accuracy_plot(results, out / "report.png")
+    write_report(results, out / "report.md")
+    finish_out(out, "demo", settings, {"kind": "demo"})
     print(f"[3/3] report: {out / 'report.md'}; pictures: {out}/distilled_nrrdd/pictures/")
     return 0
 
@@ -141,7 +137,7 @@ def cmd_models(a) -> int:
 
 
 def cmd_verify(a) -> int:
-    from nrrdd.io import verify_dir
+    from nrrdd.files import verify_dir
     bad = 0
     for d in a.dirs:
         problems = verify_dir(d)
@@ -153,14 +149,19 @@ def cmd_verify(a) -> int:
 
 
 def cmd_export_arrays(a) -> int:
-    from nrrdd.data import save_arrays
+    from pathlib import Path
+    from nrrdd.data import load_arrays, save_arrays
+    if Path(a.out).exists():
+        if not a.overwrite:
+            raise NrrddError(f"--out {a.out}: exists; pass --overwrite to replace it (only an nrrdd array file)")
+        load_arrays(a.out)  # refuses a file that is not one
     save_arrays(a.out, a.data, a.image_size)
     print(f"wrote {a.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nrrdd.train import TeacherConfig
+    from nrrdd.config import PRESETS, RELABEL_FIELDS, StudentConfig, SynthConfig, TeacherConfig
     p = argparse.ArgumentParser(prog="nrrdd", description=__doc__.split("\n")[0] + "\n\nDistil a labelled image "
                                 "set into a few synthetic images per class (NRR-DD, RDED, SRe2L presets), relabel "
                                 "them and measure how well fresh students learn from them.",
@@ -175,49 +176,55 @@ def build_parser() -> argparse.ArgumentParser:
     _common(s)
     s.set_defaults(fn=cmd_train_teacher)
 
-    from nrrdd.synth import PRESETS, SynthConfig
     s = sub.add_parser("distill", help="synthesise a distilled set (PNG class folders + manifest + pictures)",
                        description="Select and stitch real patches (CIDD/RDED), refine them (NRR/SRe2L) and write "
                        "images/<class>/*.png, synthetic.safetensors, config.json, distill.json, pictures/ and "
                        "manifest.json. Presets: " + "; ".join(f"{k}: {v or 'defaults'}" for k, v in PRESETS.items()))
-    s.add_argument("--data", required=True, help="digits, cifar10, cifar100, or a folder with train/ and test/")
+    s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--teacher", required=True, help="teacher .safetensors (from train-teacher)")
     s.add_argument("--preset", default="nrrdd", help=f"method preset: {', '.join(PRESETS)} (default: nrrdd)")
     add_config_args(s, SynthConfig, "synthesis (overrides the preset)")
     _common(s)
     s.set_defaults(fn=cmd_distill)
 
-    from nrrdd.evaluate import StudentConfig
-    for name, fn, helptext in (
-            ("evaluate", cmd_evaluate, "train students from scratch on a distilled set; report test accuracy over seeds"),
-            ("relabel", cmd_relabel, "store teacher labels (soft, DBR distances, top-k) for a distilled set")):
-        s = sub.add_parser(name, help=helptext, description=helptext + ". The label plan (batches, crops, flips, "
-                           "mixes) is drawn from --plan-seed, so relabel and evaluate see identical mixed samples.")
+    plan = ("The label plan (batches, crops, flips, mixes) is drawn from --plan-seed, so relabel and evaluate see "
+            "identical mixed samples.")
+    for name, fn, helptext, only in (
+            ("evaluate", cmd_evaluate, "train students from scratch on a distilled set; report test accuracy over "
+             "seeds", None),
+            ("relabel", cmd_relabel, "store teacher labels (soft, DBR distances, top-k) for a distilled set",
+             RELABEL_FIELDS)):
+        s = sub.add_parser(name, help=helptext, description=f"{helptext}. {plan}")
         s.add_argument("--distilled", required=True, help="nrrdd distill output, or any ImageFolder of images")
         s.add_argument("--teacher", help="teacher .safetensors (default: the one recorded in the distilled set)")
         if name == "evaluate":
             s.add_argument("--labels", help="folder written by nrrdd relabel (stored modes; default: relabel here)")
-        add_config_args(s, StudentConfig, "student recipe and labels")
+        _no_verify(s, "a distilled folder")
+        add_config_args(s, StudentConfig, "student recipe and labels" if only is None else "label plan", only)
         _common(s)
         s.set_defaults(fn=fn)
 
     s = sub.add_parser("report", help="markdown table + accuracy plot from evaluation results",
                        description="Collect results.json files (or folders of them) into a markdown table with the "
-                       "paper's figure beside each cell where one exists, and plot accuracy against IPC.")
+                       "paper's figure beside each cell where one exists, and plot accuracy against IPC (a bar "
+                       "per preset, seeds as dots, when only one IPC was run).")
     s.add_argument("results", nargs="+", help="results.json files or folders searched recursively")
-    s.add_argument("--out", required=True, help="markdown file to write")
+    s.add_argument("--out", required=True, help="markdown file to write (never replaces a file nrrdd did not write)")
     s.add_argument("--plot", help="PNG plot path (default: beside --out)")
+    _no_verify(s, "a results folder")
     s.set_defaults(fn=cmd_report)
 
     s = sub.add_parser("demo", help="whole pipeline on the embedded digits data (about 1-2 min on 2 CPU cores)",
                        description="Train a small teacher on scikit-learn's digits (shipped with the package), "
                        "distil it with the nrrdd, rded and random presets, train students on each and write a "
-                       "report. Needs no download.")
+                       "report. Needs no download. Refinement runs 60 steps instead of the default 300: the digits "
+                       "are 8x8 images upsampled to 32 px, with little detail to refine, and the demo stays short.")
     s.add_argument("--ipc", type=int, default=10, help="images per class (default 10)")
-    _common(s)
+    _common(s, config=False)
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("models", help="list registered model names")
+    s = sub.add_parser("models", help="list registered model names", description="List the names --arch and "
+                       "--student accept (the model registry).")
     s.set_defaults(fn=cmd_models)
 
     s = sub.add_parser("verify", help="check every file of an output folder against its manifest",
@@ -226,20 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("dirs", nargs="+", help="output folders (distilled sets, results, teachers)")
     s.set_defaults(fn=cmd_verify)
 
-    s = sub.add_parser("export-arrays", help="save a data set's splits as one uint8 .npz (portable copy)")
-    s.add_argument("data", help="digits, cifar10, cifar100 or a folder with train/ and test/")
+    s = sub.add_parser("export-arrays", help="save a data set's splits as one uint8 .npz (portable copy)",
+                       description="Decode a data set's train and test splits into one compressed uint8 .npz "
+                       "(train_images, train_labels, test_images, test_labels, classes) that --data accepts: a "
+                       "portable copy for machines without the source folders.")
+    s.add_argument("data", help=DATA_HELP)
     s.add_argument("--out", required=True, help="output .npz")
-    s.add_argument("--image-size", type=int, default=None)
+    s.add_argument("--image-size", type=int, default=None, help="resize every image to this side in pixels "
+                   "(default: the first training image's size)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it is an nrrdd array file")
     s.set_defaults(fn=cmd_export_arrays)
     return p
+
+
+DATA_HELP = ("digits (embedded), cifar10 or cifar100 (found under $NRRDD_DATA, ./shared/datasets or "
+             "../shared/datasets), a .npz from export-arrays, or a folder (or .zip) with train/ and test/ class "
+             "sub-folders")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", 0):
+            import torch
+            torch.set_num_threads(args.threads)
         return args.fn(args)
     except NrrddError as e:
         print(f"nrrdd {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a read-only or full disk, a permission: the system's words and the path, no traceback
+        where = f": {e.filename}" if e.filename else ""
+        print(f"nrrdd {args.cmd}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"nrrdd {args.cmd}: interrupted; rerun with --resume to continue", file=sys.stderr)

@@ -5,8 +5,9 @@ a seeded validation split carved from the training images, and the training set'
 """
 from __future__ import annotations
 
-import io as _io
+import io
 import os
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from nrrdd import NrrddError
-from nrrdd.io import atomic_path, sha256_bytes
+from nrrdd.files import atomic_path, read_json, require_intact, sha256_bytes
+from nrrdd.outdir import MANIFEST
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 # Files that commonly sit in data folders and are not samples.
@@ -149,10 +151,14 @@ def scan_image_folder(root) -> tuple[_Tree, list[str], list[tuple[str, int]]]:
 def decode_image(data: bytes, where: str, size: int | None, channels: int = 3) -> np.ndarray:
     """Decode to uint8 (size, size, channels); a bad file raises one error naming it."""
     try:
-        img = Image.open(_io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
         img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise NrrddError(f"{where}: unreadable or truncated image ({e}); remove or replace the file") from None
+    except UnidentifiedImageError:
+        raise NrrddError(f"{where}: unreadable or truncated image (no image format PIL recognises); remove or "
+                         "replace the file") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e)).strip() or type(e).__name__
+        raise NrrddError(f"{where}: unreadable or truncated image ({why}); remove or replace the file") from None
     img = img.convert("RGB" if channels == 3 else "L")
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
@@ -275,6 +281,10 @@ def load_dataset(spec: str, image_size: int | None = None, val_fraction: float =
         full, test, classes, info = load_arrays(spec)
     else:
         root = resolve_named(spec) if spec in ("cifar10", "cifar100") else spec
+        if ".zip" not in root and not os.path.isdir(root):
+            raise NrrddError(f"--data {spec}: {'not a folder' if os.path.exists(root) else 'not found'}; give "
+                             "digits, cifar10, cifar100, a .npz from export-arrays, or a folder (or .zip) holding "
+                             "train/ and test/, each with one sub-folder per class")
         tree = _Tree(root)
         subs, _ = tree.listdir()
         if not {"train", "test"} <= set(subs):
@@ -315,6 +325,25 @@ def load_arrays(path) -> tuple[Split, Split, list[str], dict]:
         train = Split(torch.from_numpy(z["train_images"]), torch.from_numpy(z["train_labels"]).long())
         test = Split(torch.from_numpy(z["test_images"]), torch.from_numpy(z["test_labels"]).long())
         return train, test, [str(c) for c in z["classes"]], {"source": str(path)}
+
+
+def load_distilled(path, verify: bool = True) -> tuple[Split, list[str], dict]:
+    """A distilled set: an nrrdd output folder (images/ + distill.json) or any ImageFolder of images. An nrrdd
+    folder must still match its manifest (unless `verify` is off): students never train on a changed set."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NrrddError(f"--distilled {path}: folder not found")
+    if verify and (path / "distill.json").exists() and not (path / MANIFEST).exists():
+        raise NrrddError(f"{path}: an unfinished distilled set (no {MANIFEST}); finish it with nrrdd distill "
+                         "--resume, or pass --no-verify")
+    if verify and (path / MANIFEST).exists():
+        require_intact(path, "distilled set")
+    record = read_json(path / "distill.json") if (path / "distill.json").exists() else {}
+    root = path / "images" if (path / "images").is_dir() else path
+    split, classes, _ = load_image_folder(root, use_cache=False, progress=False)
+    if record and set(classes) != set(record["classes"]):
+        raise NrrddError(f"{root}: class folders {classes} differ from distill.json's {record['classes']}")
+    return split, classes, record
 
 
 def load_classes_only(spec: str) -> list[str]:

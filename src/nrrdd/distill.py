@@ -14,10 +14,13 @@ from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.data import Dataset, load_dataset
 from nrrdd.dist import barrier, init_from_env, is_main, mine
-from nrrdd.io import (MANIFEST, load_tensors, pick_device, prepare_out_dir, provenance, read_json, read_tensor_meta,
-                      save_tensors, sha256_bytes, sha256_file, write_json, write_manifest)
+from nrrdd.checkpoint import read_meta
+from nrrdd.files import (load_tensors, pick_device, provenance, read_json, read_tensor_meta, save_tensors, sha256_bytes,
+                         sha256_file, write_json)
+from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.config import to_dict
-from nrrdd.synth import SynthConfig, initial_images, refine_images, refinement_mask, to_uint8
+from nrrdd.config import SynthConfig
+from nrrdd.synth import check_enough_images, initial_images, refine_images, refinement_mask, to_uint8
 from nrrdd.viz import image_grid, refinement_panel, save_png
 
 IMAGES = "images"
@@ -38,18 +41,14 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
             device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them."""
     out = Path(out_dir)
-    settings = to_dict(cfg)
-    if resume and (out / MANIFEST).exists():
-        record = read_json(out / "distill.json")
-        if record.get("config") != settings:
-            raise NrrddError(f"{out}: finished with other synthesis settings than these; pass --overwrite to "
-                             "replace it or choose another --out")
-        return record  # finished earlier: nothing to recompute
+    read_meta(teacher_path)  # a missing or foreign teacher file fails before anything is decoded
+    settings = {"config": to_dict(cfg), "data": data.name if isinstance(data, Dataset) else data,
+                "teacher_sha256": sha256_file(teacher_path)}
+    state = check_out(out, "distill", settings, overwrite, resume, inputs=[teacher_path, settings["data"]])
+    if state == "finished":
+        return read_json(out / "distill.json")  # finished earlier: nothing to recompute
     dev = pick_device(device)
     init_from_env(dev)
-    if is_main():
-        prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
-    barrier()
     progress = progress and is_main()
     t0 = time.time()
     ds = data if isinstance(data, Dataset) else load_dataset(data, progress=progress)
@@ -57,19 +56,19 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     if meta["image_size"] != ds.image_size:
         raise NrrddError(f"{teacher_path}: teacher expects {meta['image_size']} px images, the data has "
                          f"{ds.image_size} px")
+    check_enough_images(torch.bincount(ds.train.labels, minlength=ds.num_classes).tolist(), ds.classes, cfg)
     mean, std = meta["mean"], meta["std"]
     timings = {"load_s": round(time.time() - t0, 2)}
+    barrier()  # every rank has checked --out before rank 0 opens it
+    if is_main():
+        open_out(out, "distill", settings, state)
+    barrier()
     work = out / ".work"
     work.mkdir(exist_ok=True)
-    if (work / "config.json").exists() and json.loads((work / "config.json").read_text()) != settings:
-        raise NrrddError(f"{out}: the unfinished run there used other synthesis settings; resume it with the same "
-                         "settings, or pass --overwrite to start again")
 
     # ---- stage 1: initial images (CIDD / RDED / noise / random), one file per class, classes split over ranks
     t = time.time()
     x0, y, records = initial_set(teacher, ds, cfg, mean, std, dev, work, progress)
-    if is_main():
-        write_json(work / "config.json", settings)  # what a later --resume of this work must match
     timings["select_s"] = round(time.time() - t, 2)
 
     # ---- stage 2: refinement (none / masked / all)
@@ -106,7 +105,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     write_json(out / "config.json", to_dict(cfg))
     write_json(out / "distill.json", record)
     shutil.rmtree(work)
-    write_manifest(out, {"kind": "distilled", "preset": preset})
+    finish_out(out, "distill", settings, {"kind": "distilled", "preset": preset})
     barrier()
     return record
 

@@ -6,8 +6,10 @@ mixed samples of the plan once (stored modes) or on the fly (sl-online); the stu
 so it sees exactly the pixels the teacher labelled."""
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,13 +17,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nrrdd import NrrddError
+from nrrdd.config import LABEL_MODES, RELABEL_FIELDS, STORED_MODES, StudentConfig, auto_batch_size, images_per_class, to_dict
 from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_square_boxes
 from nrrdd.data import normalize
-from nrrdd.dist import gather_to_all, mine
+from nrrdd.dist import barrier, gather_to_all, init_from_env, is_main, mine
+from nrrdd.files import load_tensors, pick_device, provenance, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
 
-LABEL_MODES = ("sl-online", "sl-stored", "dbr", "onehot", "compact")
-STORED_MODES = ("sl-stored", "dbr", "compact")
 
 
 @dataclass(frozen=True)
@@ -147,3 +149,91 @@ def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spe
 def label_slice(payload: dict, spec: PlanSpec, epoch: int, b: int, device) -> dict:
     sl = slice(b * spec.batch_size, (b + 1) * spec.batch_size)
     return {k: v[epoch, sl].to(device) for k, v in payload.items()}
+
+
+# ---------------------------------------------------------------- stored labels on disk
+
+def images_digest(images: torch.Tensor) -> str:
+    return sha256_bytes(images.contiguous().numpy().tobytes())
+
+
+def plan_spec(cfg: StudentConfig, n: int, num_classes: int, image_size: int, recorded_ipc: int | None = None) -> PlanSpec:
+    """The label plan of a student recipe on n images; relabel and evaluate both derive it here, so the batch
+    size of stored labels always matches the student's."""
+    bs = cfg.batch_size or auto_batch_size(images_per_class(n, num_classes, recorded_ipc), num_classes, n)
+    return PlanSpec(n, cfg.epochs, bs, image_size, cfg.mix, cfg.mix_alpha, cfg.crop_min, cfg.flip, cfg.plan_seed)
+
+
+def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig, mean, std,
+                 progress=True) -> dict:
+    """Relabel the plan once and write plan.safetensors (bookkeeping) + labels_<mode>.safetensors (payload)."""
+    out_dir = Path(out_dir)
+    plan = make_plan(spec)
+    payload = relabel(teacher, images, labels, plan, spec, cfg.label_mode, cfg.topk, mean, std, progress)
+    meta = {"plan": json.dumps(asdict(spec)), "images_sha256": images_digest(images.cpu()),
+            "mode": cfg.label_mode, "topk": str(cfg.topk)}
+    label_file = out_dir / f"labels_{cfg.label_mode}.safetensors"
+    if not is_main():  # under torchrun, rank 0 writes what all ranks labelled
+        return {}
+    plan_bytes = save_tensors(out_dir / "plan.safetensors", plan)
+    save_tensors(label_file, payload, meta)
+    return label_accounting(label_file, plan_bytes, payload, spec, int(labels.max()) + 1)
+
+
+def label_accounting(label_file: Path, plan_bytes: int, payload: dict, spec: PlanSpec, num_classes: int) -> dict:
+    payload_bytes = sum(v.numel() * v.element_size() for v in payload.values())
+    sl_bytes = spec.epochs * spec.num_images * num_classes * 2  # fp16 logits, C per mixed sample
+    return {"label_file": label_file.name, "label_file_bytes": label_file.stat().st_size,
+            "payload_bytes": payload_bytes, "bookkeeping_bytes": plan_bytes, "mixed_samples": spec.epochs * spec.num_images,
+            "sl_payload_bytes": sl_bytes, "ratio_vs_sl": round(sl_bytes / payload_bytes, 3)}
+
+
+def load_labels(label_dir, mode: str, spec: PlanSpec, images: torch.Tensor) -> tuple[dict, dict]:
+    """Stored labels that belong to exactly this distilled set and plan, else a clear error."""
+    f = Path(label_dir) / f"labels_{mode}.safetensors"
+    if not f.exists():
+        raise NrrddError(f"{f}: no stored '{mode}' labels here; run nrrdd relabel --label-mode {mode} first")
+    meta = read_tensor_meta(f)
+    if meta.get("images_sha256") != images_digest(images.cpu()):
+        raise NrrddError(f"{f}: labels were made for other images than this distilled set; relabel it")
+    if json.loads(meta.get("plan", "{}")) != asdict(spec):
+        raise NrrddError(f"{f}: labels follow another plan ({meta.get('plan')}); the student recipe must match "
+                         "the one used by relabel (epochs, batch size, mix, crop, flip, plan seed)")
+    return load_tensors(f), meta
+
+
+def relabel_set(distilled, teacher_path, cfg: StudentConfig, out_dir, device: str = "auto", resume: bool = False,
+                overwrite: bool = False, progress: bool = True, verify: bool = True) -> dict:
+    """`nrrdd relabel`: store the teacher's labels of a distilled set's label plan in their own folder."""
+    from nrrdd.checkpoint import load_model
+    from nrrdd.data import load_distilled
+    from nrrdd.outdir import check_out, finish_out, open_out
+    if cfg.label_mode not in STORED_MODES:
+        raise NrrddError(f"--label-mode {cfg.label_mode}: relabel stores {', '.join(STORED_MODES)}")
+    split, classes, record = load_distilled(distilled, verify)
+    teacher_path = teacher_path or record.get("teacher", {}).get("path")
+    if not teacher_path:
+        raise NrrddError(f"{distilled}: no distill.json names the teacher; pass --teacher")
+    out = Path(out_dir)
+    settings = {"config": {k: v for k, v in to_dict(cfg).items() if k in RELABEL_FIELDS},
+                "images_sha256": images_digest(split.images), "teacher_sha256": sha256_file(teacher_path)}
+    state = check_out(out, "relabel", settings, overwrite, resume, inputs=[distilled, teacher_path])
+    if state == "finished":
+        return read_json(out / "labels.json")
+    dev = pick_device(device)
+    init_from_env(dev)
+    teacher, meta = load_model(teacher_path, classes=classes, device=dev)
+    barrier()
+    if is_main():
+        open_out(out, "relabel", settings, state)
+    barrier()
+    spec = plan_spec(cfg, len(split), len(classes), split.images.shape[-1], record.get("ipc"))
+    info = store_labels(out, teacher, split.images.to(dev), split.labels.to(dev), spec, cfg, meta["mean"],
+                        meta["std"], progress=progress and is_main())
+    if not is_main():
+        return {}
+    info = {"kind": "labels", "distilled": str(distilled), "teacher": str(teacher_path), "config": to_dict(cfg),
+            **info, **provenance()}
+    write_json(out / "labels.json", info)
+    finish_out(out, "relabel", settings, {"kind": "labels", "mode": cfg.label_mode})
+    return info

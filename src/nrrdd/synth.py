@@ -5,7 +5,6 @@ Every method is a preset of `SynthConfig`; the code below has one path for all o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,75 +14,26 @@ from tqdm import tqdm
 from nrrdd import NrrddError
 from nrrdd.augment import box_mass, crop_resize, paste_boxes, cutmix_boxes, random_square_boxes, stitch
 from nrrdd.cam import class_activation_maps
-from nrrdd.config import help_field
+from nrrdd.config import SynthConfig
 from nrrdd.data import Split, normalize, denormalize
 from nrrdd.dist import barrier, mine, world
-from nrrdd.io import check_finite, load_tensors, save_tensors
+from nrrdd.files import check_finite, load_tensors, save_tensors
 from nrrdd.losses import BNStats, bn_stat_loss, hinge_distance_loss, noncritical_mask
 from nrrdd.models import Net
 
 
-@dataclass
-class SynthConfig:
-    """Synthesis settings. A preset fills these; any field can be overridden by flag or config file."""
-    ipc: int = help_field(10, "images per class to synthesise")
-    init: str = help_field("patches", "initial images: patches (CIDD/RDED selection), noise (SRe2L), random (real images)")
-    pool_per_class: int = help_field(300, "real images per class drawn into the candidate pool (RDED's mipc)")
-    crops_per_image: int = help_field(5, "random square crops drawn per pooled image (k)")
-    crop_scale_min: float = help_field(0.08, "smallest crop area as a share of the image (largest: 1)")
-    crop_score: str = help_field("cam_ratio", "crop ranking: cam_ratio (share of CAM mass in the crop), cam_mean "
-                                 "(mean CAM in the crop), ce (teacher cross-entropy of the crop, RDED)")
-    top_t: int = help_field(1, "crops kept per pooled image (t)")
-    select: str = help_field("highest", "keep the patches of highest (Algorithm 1, RDED) or lowest (Sec. 3.2 text) "
-                             "teacher confidence")
-    beta: int = help_field(1, "patches stitched per image: 1, 4 or 9")
-    refine: str = help_field("masked", "refinement: none, masked (NRR: non-critical pixels only, Eq. 4-5), all (SRe2L)")
-    epsilon: float = help_field(0.5, "CAM threshold of the mask M = max(0, epsilon - CAM) (Eq. 4)")
-    iterations: int = help_field(300, "refinement steps per batch")
-    lr: float = help_field(0.003, "Adam step size eta (Eq. 5), cosine-decayed to 0")
-    adam_beta1: float = help_field(0.5, "Adam beta1 (SRe2L: 0.5)")
-    adam_beta2: float = help_field(0.9, "Adam beta2 (SRe2L: 0.9)")
-    alpha_bn: float = help_field(0.0, "weight of the BatchNorm statistics loss L_bn (Eq. 2)")
-    first_bn_weight: float = help_field(10.0, "extra weight of the first BN layer in L_bn (SRe2L)")
-    refine_crop_min: float = help_field(0.5, "random-resized-crop scale floor applied at every refinement step (1: off)")
-    refine_flip: bool = help_field(True, "random horizontal flip at every refinement step")
-    refine_batch: int = help_field(100, "images refined together (batches mix classes, as BN statistics do)")
-    alpha_lr: float = help_field(0.0, "weight of label refinement L_lr on CutMix pairs (Eq. 11-12); 0: off")
-    lr_threshold: float = help_field(0.3, "hinge threshold r of L_lr (log 2 = 0.69 is the CE of a 50/50 mix)")
-    seed: int = help_field(0, "seed of every random draw in synthesis")
-
-    def __post_init__(self):
-        choices = {"init": ("patches", "noise", "random"), "crop_score": ("cam_ratio", "cam_mean", "ce"),
-                   "select": ("highest", "lowest"), "refine": ("none", "masked", "all")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise NrrddError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        if math.isqrt(self.beta) ** 2 != self.beta:
-            raise NrrddError(f"beta={self.beta}: must be a square number of patches (1, 4, 9)")
-        if self.ipc < 1:
-            raise NrrddError(f"ipc={self.ipc}: must be at least 1")
-
-
-PRESETS: dict[str, dict] = {
-    # CIDD + NRR. The SynthConfig defaults are the values the validation search chose on CIFAR-10 IPC 10
-    # (benchmarks/results/cifar10_convnet_nols15/chosen.json): highest confidence, CAM ratio, epsilon 0.5,
-    # 300 steps, crop 0.5-1 + flip at each step, alpha_bn 0, no label refinement (all with the label-smoothing
-    # teacher), and lr 0.003 (with the default teacher; 0.01 / 0.03 scored 0.6 / 1.8 points lower).
-    "nrrdd": {},
-    "nrrdd-lr": {"alpha_lr": 0.1},  # the search preferred alpha_lr = 0; 0.1 was the least harmful non-zero value
-    "cidd": {"refine": "none"},
-    "rded": {"crop_score": "ce", "select": "highest", "refine": "none"},
-    "sre2l": {"init": "noise", "refine": "all", "lr": 0.25, "iterations": 1000, "alpha_bn": 0.01,
-              "refine_crop_min": 1.0, "refine_flip": True},
-    "random": {"init": "random", "refine": "none"},
-}
-
-
-def preset_config(name: str, *overrides) -> SynthConfig:
-    from nrrdd.config import build_config
-    if name not in PRESETS:
-        raise NrrddError(f"unknown preset '{name}'; presets: {', '.join(PRESETS)}")
-    return build_config(SynthConfig, PRESETS[name], *overrides)
+def check_enough_images(counts: list[int], classes: list[str], cfg: SynthConfig) -> None:
+    """Refuse, before any work, an IPC that some class cannot fill: ipc x beta real images (random) or
+    candidate patches (pool_per_class x top_t crops) per class."""
+    need = cfg.ipc * cfg.beta
+    for name, n in zip(classes, counts):
+        have = {"random": n, "patches": min(n, cfg.pool_per_class) * min(cfg.top_t, cfg.crops_per_image)}.get(cfg.init)
+        if have is not None and have < need:
+            what = "real images" if cfg.init == "random" else (
+                f"patches (pool {min(n, cfg.pool_per_class)} images x top_t {min(cfg.top_t, cfg.crops_per_image)})")
+            raise NrrddError(f"--ipc {cfg.ipc}: class '{name}' has {n} training images, {have} {what}, but ipc x "
+                             f"beta = {need} are needed; lower --ipc" + ("" if cfg.init == "random" else
+                                                                          " or raise --pool-per-class / --top-t"))
 
 
 def class_generator(seed: int, c: int, stream: int = 0) -> torch.Generator:
@@ -104,8 +54,6 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     """CIDD / RDED for one class: (beta * ipc, C, H, W) normalised patches at full size, and what was chosen."""
     need = cfg.ipc * cfg.beta
     if cfg.init == "random":
-        if len(images) < need:
-            raise NrrddError(f"class {c}: ipc x beta = {need} but only {len(images)} training images")
         idx = torch.randperm(len(images), generator=class_generator(cfg.seed, c))[:need]
         return normalize(images[idx].to(device), mean, std), {"source_index": idx.tolist()}
     gen = class_generator(cfg.seed, c)
@@ -125,9 +73,6 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     keep = (top + torch.arange(n)[:, None] * k).flatten()
     patches = crop_resize(x, boxes[keep], h, owner[keep])
     conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
-    if len(patches) < need:
-        raise NrrddError(f"class {c}: ipc x beta = {need} patches needed but the pool holds {len(patches)}; "
-                         "raise --pool-per-class or --top-t, or lower --ipc")
     order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,38 +14,11 @@ from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import save_model
-from nrrdd.config import help_field, to_dict
+from nrrdd.config import TeacherConfig, to_dict
 from nrrdd.data import Dataset, Split, load_dataset, normalize, random_crop_flip
-from nrrdd.io import (atomic_path, check_finite, pick_device, prepare_out_dir, provenance, read_json,
-                      seed_everything, write_json, write_manifest)
+from nrrdd.files import atomic_path, check_finite, pick_device, provenance, read_json, seed_everything, write_json
+from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.models import create_model
-
-
-@dataclass
-class TeacherConfig:
-    """Teacher recipe. Defaults: teachers/cifar10_convnet3_nols15.safetensors (SGD nesterov, one-cycle, crop + flip,
-    no label smoothing), the teacher whose distilled students scored best on the validation split."""
-    data: str = help_field("cifar10", "data set: digits, cifar10, cifar100, or a folder with train/ and test/")
-    image_size: int = help_field(32, "side of the square input in pixels")
-    arch: str = help_field("convnet3", "model name from the registry (nrrdd models lists them)")
-    width: int = help_field(128, "ConvNet width (ignored by other architectures)")
-    norm: str = help_field("batch", "ConvNet norm: batch (needed for L_bn), instance, none")
-    epochs: int = help_field(15, "training epochs (15: 50 min on 2 CPU cores; longer teachers are more accurate, "
-                             "but whether their students gain is unmeasured without label smoothing)")
-    batch_size: int = help_field(256, "images per step")
-    lr: float = help_field(0.05, "peak learning rate of the one-cycle schedule")
-    warmup: float = help_field(0.15, "fraction of steps spent warming up linearly to lr")
-    momentum: float = help_field(0.9, "SGD nesterov momentum")
-    weight_decay: float = help_field(5e-4, "weight decay (not on biases or norm weights)")
-    label_smoothing: float = help_field(0.0, "cross-entropy label smoothing (0.1 gave a 4-point better teacher "
-                                        "whose flattened soft labels cost students ~10 points on validation)")
-    crop_pad: int = help_field(4, "random-crop padding in pixels (0: no crop)")
-    val_fraction: float = help_field(0.1, "share of each class held out from training for validation")
-    split_seed: int = help_field(0, "seed of the validation split")
-    seed: int = help_field(0, "seed of initialisation, order and augmentation")
-
-    def model_kwargs(self) -> dict:
-        return {"width": self.width, "norm": self.norm} if self.arch.startswith("convnet") else {}
 
 
 # ---------------------------------------------------------------- shared pieces
@@ -134,16 +106,15 @@ class TrainState:
 def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: bool = False, overwrite: bool = False,
                   data: Dataset | None = None, progress: bool = True) -> dict:
     """Train a teacher on the training split; pick nothing by test accuracy; write teacher.safetensors + results."""
-    if resume and (Path(out_dir) / "manifest.json").exists():
-        results = read_json(Path(out_dir) / "results.json")  # finished earlier: never retrain over it
-        if results.get("config") != to_dict(cfg):
-            raise NrrddError(f"{out_dir}: finished with another teacher recipe than this one; pass --overwrite to "
-                             "replace it or choose another --out")
-        return results
+    out, settings = Path(out_dir), to_dict(cfg)
+    state_kind = check_out(out, "train-teacher", settings, overwrite, resume, inputs=[cfg.data])
+    if state_kind == "finished":
+        return read_json(out / "results.json")  # finished earlier: never retrain over it
     t0 = time.time()
-    out = prepare_out_dir(out_dir, overwrite=overwrite, resume=resume)
     dev = pick_device(device)
     ds = data or load_dataset(cfg.data, cfg.image_size, cfg.val_fraction, cfg.split_seed, progress=progress)
+    create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs())  # a bad name fails here
+    open_out(out, "train-teacher", settings, state_kind)
     gen = seed_everything(cfg.seed)
     model = create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs()).to(dev)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
@@ -152,7 +123,7 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: one_cycle(s, total, cfg.warmup))
     state, start, history = TrainState(out / "state.pt"), 0, []
     if resume and state.exists():
-        counters = state.load(model, opt, gen, config=to_dict(cfg))
+        counters = state.load(model, opt, gen, config=settings)
         start, history = counters["epoch"], list(counters.get("history", []))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: one_cycle(s, total, cfg.warmup),
                                                   last_epoch=start * steps_per_epoch - 1)
@@ -173,16 +144,16 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
         val = accuracy(model, ds.val, ds.mean, ds.std, dev)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": val, "time_s": time.time() - t0})
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.1f}")
-        state.save(model, opt, gen, epoch=epoch + 1, history=history, config=to_dict(cfg))
+        state.save(model, opt, gen, epoch=epoch + 1, history=history, config=settings)
     # The final epoch's weights are the teacher: no epoch is chosen by any accuracy.
     test = accuracy(model, ds.test, ds.mean, ds.std, dev)
     meta = {"arch": cfg.arch, "classes": ds.classes, "image_size": ds.image_size, "channels": ds.channels,
-            "mean": list(ds.mean), "std": list(ds.std), "model_kwargs": cfg.model_kwargs(), "recipe": to_dict(cfg),
+            "mean": list(ds.mean), "std": list(ds.std), "model_kwargs": cfg.model_kwargs(), "recipe": settings,
             "val_acc": history[-1]["val_acc"] if history else None, "test_acc": test, "data_info": ds.info}
     save_model(out / "teacher.safetensors", model.cpu(), meta)
     state.path.unlink(missing_ok=True)
-    results = {"kind": "teacher", "config": to_dict(cfg), "val_acc": meta["val_acc"], "test_acc": test,
+    results = {"kind": "teacher", "config": settings, "val_acc": meta["val_acc"], "test_acc": test,
                "history": history, "wall_time_s": round(time.time() - t0, 1), "data": ds.info, **provenance()}
     write_json(out / "results.json", results)
-    write_manifest(out, {"kind": "teacher"})
+    finish_out(out, "train-teacher", settings, {"kind": "teacher"})
     return results

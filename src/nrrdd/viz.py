@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from nrrdd.io import atomic_path  # noqa: E402
+from nrrdd.files import atomic_path  # noqa: E402
 
 
 def save_png(path, img_chw_uint8: torch.Tensor) -> None:

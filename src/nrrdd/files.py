@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -16,8 +17,8 @@ import numpy as np
 import torch
 
 from nrrdd import NrrddError, __version__
+from nrrdd.outdir import MANIFEST
 
-MANIFEST = "manifest.json"
 _UMASK = os.umask(0)  # read the umask (there is no getter) and put it back
 os.umask(_UMASK)
 
@@ -39,7 +40,7 @@ def atomic_path(path: str | os.PathLike):
     except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if isinstance(e, OSError) and e.errno == 28:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise NrrddError(f"disk full while writing {path}: free some space and rerun with --resume") from e
         raise
 
@@ -109,41 +110,46 @@ def provenance() -> dict:
     }
 
 
+def _listed(out_dir: Path) -> list[Path]:
+    """The files a manifest covers: all but itself and hidden bookkeeping (run file, temporary files)."""
+    return [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+
+
 def write_manifest(out_dir, extra: dict) -> dict:
     """Checksum every file in `out_dir` and write the manifest last: its presence marks the folder complete."""
     out_dir = Path(out_dir)
-    files = {str(p.relative_to(out_dir)): sha256_file(p) for p in sorted(out_dir.rglob("*"))
-             if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
-    manifest = {**extra, "files": files}
+    files = _listed(out_dir)
+    manifest = {**extra, "files": {str(p.relative_to(out_dir)): sha256_file(p) for p in files},
+                "sizes": {str(p.relative_to(out_dir)): p.stat().st_size for p in files}}
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
-def verify_dir(out_dir) -> list[str]:
-    """Problems found comparing `out_dir` against its manifest (empty list: all good)."""
+def verify_dir(out_dir, quick: bool = False) -> list[str]:
+    """Problems found comparing `out_dir` against its manifest (empty list: all good). Sizes first: with
+    `quick`, a missing, extra or resized file is reported without hashing anything."""
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST).exists():
         return [f"{out_dir}: no {MANIFEST} (incomplete or not an nrrdd output)"]
-    want = read_json(out_dir / MANIFEST).get("files", {})
-    have = {str(p.relative_to(out_dir)) for p in out_dir.rglob("*")
-            if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")}
+    manifest = read_json(out_dir / MANIFEST)
+    want, sizes = manifest.get("files", {}), manifest.get("sizes", {})
+    have = {str(p.relative_to(out_dir)) for p in _listed(out_dir)}
     problems = [f"missing: {f}" for f in sorted(set(want) - have)]
     problems += [f"extra: {f}" for f in sorted(have - set(want))]
-    problems += [f"changed: {f}" for f in sorted(set(want) & have) if sha256_file(out_dir / f) != want[f]]
-    return problems
+    both = sorted(set(want) & have)
+    resized = [f for f in both if f in sizes and (out_dir / f).stat().st_size != sizes[f]]
+    problems += [f"changed: {f}" for f in resized]
+    if not (quick and problems):
+        problems += [f"changed: {f}" for f in both if f not in resized and sha256_file(out_dir / f) != want[f]]
+    return sorted(problems, key=lambda p: p.split(": ", 1)[1])
 
 
-def prepare_out_dir(out_dir, overwrite: bool = False, resume: bool = False) -> Path:
-    """Refuse to mix two runs in one folder unless the user says how (--overwrite or --resume)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (overwrite or resume):
-        raise NrrddError(f"{out_dir} already holds files from another run: pass --resume to continue it, "
-                         "--overwrite to replace it, or choose another --out")
-    if overwrite and not resume and out_dir.exists():
-        import shutil
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+def require_intact(folder, what: str) -> None:
+    """Refuse a folder that no longer matches its manifest (a file truncated, added or edited since)."""
+    problems = verify_dir(folder, quick=True)
+    if problems:
+        raise NrrddError(f"{folder}: the {what} changed since nrrdd wrote it ({len(problems)} problem(s): "
+                         f"{'; '.join(problems[:3])}); see `nrrdd verify {folder}`, restore it or pass --no-verify")
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -158,8 +164,13 @@ def pick_device(name: str = "auto") -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":  # under torchrun each rank takes its own GPU
         name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    kind, _, index = name.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise NrrddError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise NrrddError(f"--device {name}: no CUDA device is visible; use --device cpu")
+    if kind == "cuda" and int(index) >= torch.cuda.device_count():
+        raise NrrddError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     dev = torch.device(name)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
