@@ -94,3 +94,32 @@ def test_config_file_and_bad_config(tmp_path, capsys):
     cfg.write_text("{oops")
     assert main(argv) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_help_and_flag_errors_do_not_import_torch():
+    """`nrrdd --help` and errors about flags answer without importing torch (seconds) or numpy."""
+    code = ("import sys; from nrrdd.cli import build_parser, main\n"
+            "for argv in (['distill', '--help'], ['evaluate', '--ipc'], ['--help']):\n"
+            "    try: main(argv)\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'numpy', 'torchvision')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout + r.stderr
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_help_texts_say_what_each_command_reads(capsys):
+    evaluate = _help(capsys, "evaluate")
+    assert "(default: )" not in evaluate and "--no-verify" in evaluate and "--threads" in evaluate
+    relabel = _help(capsys, "relabel")
+    assert "--epochs" in relabel and "--plan-seed" in relabel and "--label-mode" in relabel
+    assert not any(f in relabel for f in ("--seeds", "--lr ", "--ddp", "--width", "--temperature"))
+    assert "model registry" in _help(capsys, "models")
+    export = _help(capsys, "export-arrays")
+    assert "portable copy" in export and "resize every image" in export
+    assert "60 steps instead of the default 300" in _help(capsys, "demo")

@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 import nrrdd.checkpoint
 import nrrdd.evaluate
 import nrrdd.labels
+import nrrdd.outdir
 import nrrdd.synth
 import nrrdd.train
 from nrrdd import NrrddError
@@ -448,3 +449,190 @@ def test_bad_inputs_as_a_user_sees_them(refs, tmp_path, capsys):
     assert len(lines) == 1 and lines[0].startswith("nrrdd train-teacher: error: "), err
     assert str(teacher / "state.pt") in lines[0] and "not a readable training state" in lines[0]
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- never lose a user's files (every case below
+# failed before output folders were checked ahead of any write)
+
+def _files(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _distill_argv(refs, out, *extra) -> list[str]:
+    return ["distill", "--data", "digits", "--teacher", str(refs.teacher), "--preset", "random", "--ipc", "1",
+            "--device", "cpu", "--quiet", "--out", str(out), *extra]
+
+
+def test_overwrite_with_a_bad_input_keeps_the_old_run(refs, tmp_path, capsys):
+    out = tmp_path / "x"
+    shutil.copytree(refs.distilled, out)
+    before = _files(out)
+    assert main(["distill", "--data", str(tmp_path / "typo"), "--teacher", str(refs.teacher), "--out", str(out),
+                 "--overwrite", "--quiet", "--device", "cpu"]) == 2
+    line = one_error_line(capsys, "distill")
+    assert "typo" in line and "train/ and test/" in line
+    assert _files(out) == before and verify_dir(out) == []
+
+
+def test_overwrite_of_the_working_folder_is_refused(refs, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    shutil.copytree(refs.distilled, work)  # even an nrrdd run is not replaced when it is where the user stands
+    before = _files(work)
+    monkeypatch.chdir(work)
+    assert main(_distill_argv(refs, ".", "--overwrite")) == 2
+    assert "refusing to replace" in one_error_line(capsys, "distill")
+    assert _files(work) == before
+
+
+def test_overwrite_and_resume_never_touch_foreign_files(refs, tmp_path, capsys):
+    out = tmp_path / "x"
+    shutil.copytree(refs.distilled, out)
+    (out / "thesis.txt").write_text("years of work")
+    (out / "sub").mkdir()
+    (out / "sub" / "data.csv").write_text("1,2")
+    before = _files(out)
+    for flag in ("--overwrite", "--resume"):
+        assert main(_distill_argv(refs, out, flag)) == 2
+        line = one_error_line(capsys, "distill")
+        assert "thesis.txt" in line and "sub/data.csv" in line
+    assert _files(out) == before
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    for flag in ("--overwrite", "--resume"):
+        assert main(_distill_argv(refs, user, flag)) == 2
+        assert str(user) in one_error_line(capsys, "distill")
+    assert (user / "notes.txt").read_text() == "mine" and len(list(user.iterdir())) == 1
+
+
+def test_overwrite_replaces_an_nrrdd_run_completely(refs, tmp_path, capsys):
+    out = tmp_path / "x"
+    shutil.copytree(refs.distilled, out)  # an nrrdd preset with IPC 2, replaced by random IPC 1
+    assert main(_distill_argv(refs, out, "--overwrite")) == 0
+    assert json.loads((out / "distill.json").read_text())["ipc"] == 1 and verify_dir(out) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # the old run was not left aside
+
+
+def test_resume_refuses_a_run_of_another_command(refs, tmp_path, capsys):
+    out = tmp_path / "t"
+    shutil.copytree(refs.teacher_dir, out)
+    before = _files(out)
+    assert main(_distill_argv(refs, out, "--resume")) == 2
+    assert "nrrdd train-teacher" in one_error_line(capsys, "distill")
+    assert _files(out) == before
+
+
+@pytest.mark.parametrize("field,value,expected", [("refine_flip", "no", "true or false"),
+                                                  ("ipc", "three", "a whole number"),
+                                                  ("ipc", 3.7, "a whole number"),
+                                                  ("init", "noize", "patches, noise, random")])
+def test_config_file_values_are_type_checked(field, value, expected, refs, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({field: value}))
+    out = tmp_path / "d"
+    argv = [a for a in _distill_argv(refs, out, "--config", str(cfg)) if a not in ("--ipc", "1")]  # flags win
+    assert main(argv) == 2
+    line = one_error_line(capsys, "distill")
+    assert field in line and json.dumps(value) in line and expected in line
+    assert not out.exists()
+
+
+def test_a_changed_distilled_folder_is_refused_unless_no_verify(refs, tmp_path, capsys):
+    d = tmp_path / "d"
+    shutil.copytree(refs.distilled, d)
+    f = d / "synthetic.safetensors"
+    f.write_bytes(f.read_bytes()[:100])  # truncated
+    student = ["--epochs", "1", "--seeds", "1", "--width", "8", "--device", "cpu", "--quiet"]
+    for cmd, extra in (("evaluate", student), ("relabel", ["--label-mode", "dbr", "--epochs", "1", "--quiet"])):
+        out = tmp_path / f"out-{cmd}"
+        assert main([cmd, "--distilled", str(d), *extra, "--out", str(out)]) == 2
+        line = one_error_line(capsys, cmd)
+        assert "changed: synthetic.safetensors" in line and "nrrdd verify" in line and "--no-verify" in line
+        assert not out.exists()
+    assert main(["evaluate", "--distilled", str(d), *student, "--no-verify", "--out", str(tmp_path / "e")]) == 0
+
+
+def test_report_verifies_results_folders(refs, tmp_path, capsys):
+    ev = tmp_path / "ev"
+    shutil.copytree(refs.evaluation, ev)
+    r = json.loads((ev / "results.json").read_text())
+    (ev / "results.json").write_text(json.dumps({**r, "test_mean": 99.0}))
+    assert main(["report", str(ev), "--out", str(tmp_path / "r.md")]) == 2
+    assert "changed: results.json" in one_error_line(capsys, "report")
+    assert main(["report", str(ev), "--out", str(tmp_path / "r.md"), "--no-verify"]) == 0
+
+
+@pytest.mark.skipif(os.access("/proc/sys", os.W_OK), reason="/proc/sys is writable here")
+def test_read_only_destination_is_one_line(refs, tmp_path, capsys):
+    assert main(_distill_argv(refs, "/proc/sys/nrrdd-out")) == 2
+    assert "not writable" in one_error_line(capsys, "distill")
+    assert main(["evaluate", "--distilled", str(refs.distilled), "--epochs", "1", "--seeds", "1", "--quiet",
+                 "--out", "/proc/sys/nrrdd-out"]) == 2
+    assert "not writable" in one_error_line(capsys, "evaluate")
+
+
+def test_os_errors_while_writing_are_one_line(refs, tmp_path, monkeypatch, capsys):
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "d" / "x"))
+    monkeypatch.setattr(nrrdd.outdir.Path, "mkdir", denied)
+    assert main(_distill_argv(refs, tmp_path / "d")) == 2
+    line = one_error_line(capsys, "distill")
+    assert "Permission denied" in line and str(tmp_path / "d") in line
+
+
+def test_unknown_device_is_one_line(refs, tmp_path, capsys):
+    assert main(_distill_argv(refs, tmp_path / "d", "--device", "tpu")) == 2
+    line = one_error_line(capsys, "distill")
+    assert "--device tpu" in line and "cpu" in line
+    assert not (tmp_path / "d").exists()
+
+
+def test_corrupt_jpeg_names_the_file_not_a_python_object(tmp_path, capsys):
+    root = tmp_path / "data"
+    for split in ("train", "test"):
+        (root / split / "cat").mkdir(parents=True)
+        save_png(root / split / "cat" / "0.png", torch.zeros(3, 8, 8, dtype=torch.uint8))
+    (root / "train" / "cat" / "1.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "t"
+    assert main(["train-teacher", "--data", str(root), "--epochs", "1", "--device", "cpu", "--quiet",
+                 "--out", str(out)]) == 2
+    line = one_error_line(capsys, "train-teacher")
+    assert "1.jpg" in line and "BytesIO" not in line and "0x" not in line
+    assert not out.exists()
+
+
+def test_missing_data_leaves_no_out_folder_and_names_the_layout(refs, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main(["distill", "--data", str(tmp_path / "nowhere"), "--teacher", str(refs.teacher), "--quiet",
+                 "--out", str(out)]) == 2
+    line = one_error_line(capsys, "distill")
+    assert "not found" in line and "train/ and test/" in line
+    assert not out.exists()
+
+
+def test_too_large_ipc_names_the_class(refs, tmp_path, capsys):
+    for preset in ("random", "nrrdd"):
+        assert main(["distill", "--data", "digits", "--teacher", str(refs.teacher), "--preset", preset,
+                     "--ipc", "1000", "--device", "cpu", "--quiet", "--out", str(tmp_path / preset)]) == 2
+        line = one_error_line(capsys, "distill")
+        assert "class '0'" in line and "1000" in line and "training images" in line
+        assert not (tmp_path / preset).exists()
+
+
+def test_export_arrays_and_report_never_replace_a_users_file(refs, tmp_path, capsys):
+    mine = tmp_path / "mine.npz"
+    mine.write_bytes(b"my own file")
+    assert main(["export-arrays", "digits", "--out", str(mine)]) == 2
+    assert "--overwrite" in one_error_line(capsys, "export-arrays")
+    assert main(["export-arrays", "digits", "--out", str(mine), "--overwrite"]) == 2
+    one_error_line(capsys, "export-arrays")
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes")
+    assert main(["report", str(refs.evaluation), "--out", str(notes)]) == 2
+    assert "not written by nrrdd" in one_error_line(capsys, "report")
+    assert mine.read_bytes() == b"my own file" and notes.read_text() == "my notes"
+    report = tmp_path / "r.md"
+    assert main(["report", str(refs.evaluation), "--out", str(report)]) == 0
+    assert main(["report", str(refs.evaluation), "--out", str(report)]) == 0  # its own file: replaced
+    table = report.read_text()
+    assert "± 0.00" not in table and table.count("| digits |") == 1 and "results.json" in table

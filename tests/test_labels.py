@@ -446,3 +446,26 @@ def test_evaluate_resume_refuses_another_distilled_set(tmp_path, distilled_digit
     for seeds in (1, 2):  # whether finished or asked for more seeds
         with pytest.raises(NrrddError, match="distilled set"):
             evaluate(other, replace(cfg, seeds=seeds), out, device="cpu", resume=True, progress=False, data=digits)
+
+
+def test_ipc_and_batch_size_come_from_one_rule(tmp_path, digits, digits_teacher):
+    """105 images over 10 classes (a plain ImageFolder, so no recorded IPC): relabel and evaluate derive the
+    same IPC (11, the largest class share) and batch size, so evaluate accepts the labels relabel stored."""
+    from nrrdd.config import images_per_class
+    from nrrdd.files import read_tensor_meta
+    from nrrdd.labels import relabel_set
+    folder = tmp_path / "plain"
+    counts = [11] * 5 + [10] * 5
+    for c, n in enumerate(counts):
+        (folder / str(c)).mkdir(parents=True)
+        for i, img in enumerate(digits.train.of_class(c)[:n]):
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / str(c) / f"{i}.png")
+    assert images_per_class(105, 10) == 11 and images_per_class(105, 10, recorded=10) == 10
+    cfg = StudentConfig(data="digits", label_mode="dbr", epochs=1, seeds=1, width=8)
+    info = relabel_set(folder, digits_teacher, cfg, tmp_path / "labels", device="cpu", progress=False)
+    plan = json.loads(read_tensor_meta(tmp_path / "labels" / "labels_dbr.safetensors")["plan"])
+    assert plan["batch_size"] == 100 and info["mixed_samples"] == 105
+    r = evaluate(folder, cfg, tmp_path / "ev", teacher_path=digits_teacher, labels_dir=tmp_path / "labels",
+                 device="cpu", progress=False, data=digits)
+    assert r["ipc"] == 11 and r["plan"]["batch_size"] == 100
+

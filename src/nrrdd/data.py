@@ -318,7 +318,11 @@ def save_arrays(path, spec: str, image_size: int | None = None) -> None:
 def load_arrays(path) -> tuple[Split, Split, list[str], dict]:
     if not os.path.isfile(path):
         raise NrrddError(f"{path}: array file not found")
-    with np.load(path) as z:
+    try:
+        z = np.load(path)  # allow_pickle stays off: an array file never runs code
+    except (ValueError, OSError, zipfile.BadZipFile) as e:
+        raise NrrddError(f"{path}: not an nrrdd array file ({str(e).splitlines()[0][:120]})") from None
+    with z:
         missing = {"train_images", "train_labels", "test_images", "test_labels", "classes"} - set(z.files)
         if missing:
             raise NrrddError(f"{path}: not an nrrdd array file (lacks {sorted(missing)})")

@@ -115,23 +115,20 @@ def check_out(out, command: str, settings: dict, overwrite: bool = False, resume
     if not out.is_dir():
         raise NrrddError(f"--out {out}: is a file, not a folder")
     run = read_run(out)
-    if resume and run is not None and run.command == command and run.settings == settings:
+    if (resume or overwrite) and run is not None:
         foreign = foreign_files(out, run)
         if foreign:
-            raise NrrddError(f"--out {out}: holds files nrrdd did not write ({_names(foreign)}); move them out "
-                             "before resuming")
+            raise NrrddError(f"--out {out}: besides an nrrdd run it holds files nrrdd did not write "
+                             f"({_names(foreign)}); nrrdd neither writes among nor deletes them: move them out or "
+                             "choose another --out")
+    if resume and run is not None and run.command == command and run.settings == settings:
         return "finished" if run.finished else "resume"
     if overwrite:
         _refuse_to_replace(out, inputs)
         if run is None:
             raise NrrddError(f"--out {out}: holds files nrrdd did not write and no nrrdd run "
-                             f"({_names(foreign_files(out, None))}); --overwrite only replaces "
-                             "a folder nrrdd wrote: choose another --out")
-        foreign = foreign_files(out, run)
-        if foreign:
-            raise NrrddError(f"--out {out}: besides an nrrdd run it holds files nrrdd did not write "
-                             f"({_names(foreign)}); --overwrite would delete them: move them out or choose "
-                             "another --out")
+                             f"({_names(foreign_files(out, None))}); --overwrite only replaces a folder nrrdd "
+                             "wrote: choose another --out")
         return "replace"
     if resume:
         what = ("not an nrrdd run" if run is None else f"a run of `nrrdd {run.command}`" if run.command != command

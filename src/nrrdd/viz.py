@@ -42,17 +42,24 @@ def image_grid(path, images: torch.Tensor, labels: torch.Tensor, classes: list[s
 
 def refinement_panel(path, before: torch.Tensor, after: torch.Tensor, cam: torch.Tensor, mask: torch.Tensor,
                      titles: list[str]) -> None:
-    """Per image: initial, CAM overlay, mask M, refined, |refined - initial| (x4)."""
+    """Per image: initial, CAM overlay, mask M, refined, |refined - initial| scaled to its largest value over
+    the panel (a fixed gain leaves gentle refinements black), or "no refinement" where nothing changed."""
     n = len(before)
+    diff = (after.float() - before.float()).abs() / 255
+    top = diff.max().item()
+    diff_title = f"|diff|, max {top * 255:.0f}/255" if top > 0 else "no refinement"
     fig, axes = plt.subplots(n, 5, figsize=(7.5, 1.6 * n), squeeze=False)
     for i in range(n):
         b, a = before[i].permute(1, 2, 0).float().numpy() / 255, after[i].permute(1, 2, 0).float().numpy() / 255
+        d = diff[i].permute(1, 2, 0).numpy() / top if top > 0 else None
         panels = [(b, None, "initial"), (b, "cam", "CAM"), (mask[i].numpy(), "gray", "mask M"), (a, None, "refined"),
-                  (np.clip(np.abs(a - b) * 4, 0, 1), None, "|diff| x4")]
+                  (d, None, diff_title)]
         for j, (img, kind, name) in enumerate(panels):
             ax = axes[i][j]
             ax.axis("off")
-            if kind == "cam":
+            if img is None:
+                ax.text(0.5, 0.5, "no refinement", ha="center", va="center", fontsize=7, transform=ax.transAxes)
+            elif kind == "cam":
                 ax.imshow(img.squeeze(), interpolation="nearest")
                 ax.imshow(cam[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             else:
