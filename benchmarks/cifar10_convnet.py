@@ -14,14 +14,13 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
 # Environment overrides exist for the smoke test (tests/test_benchmark.py): tiny data, teacher and budgets.
 # The teacher without label smoothing, whose students scored ~10 points higher on validation than those of
@@ -36,8 +35,8 @@ SMOKE = json.loads(os.environ.get("BENCH_SMOKE", "{}"))  # e.g. {"synth": {"iter
 # ---------------------------------------------------------------- jobs (run in worker processes)
 
 def distill_job(name: str, preset: str, overrides: dict, device: str) -> str:
-    from nrrdd.distill import distill
     from nrrdd.config import preset_config
+    from nrrdd.distill import distill
     out = WORK / "distilled" / name
     distill(DATA, TEACHER, preset_config(preset, overrides, SMOKE.get("synth")), out, preset=preset, device=device, resume=True,
             progress=False)
@@ -241,7 +240,7 @@ def summary() -> None:
     def fmt(v):
         return "not run" if v is None else f"{v:.2f}"
 
-    lines = ["## Targets of issue 6 (IPC 10 unless stated; ConvNet-3 student)", "",
+    lines = ["## Targets (IPC 10 unless stated; ConvNet-3 student)", "",
              "| target | measured | met |", "|---|---|---|"]
     for ipc, paper in ((1, 48.4), (10, 66.7), (50, 73.1)):
         v, r = acc(ipc, "nrrdd"), cell.get((ipc, "nrrdd", "sl-online", "convnet3"))
@@ -278,7 +277,7 @@ def table_note(results: list[dict]) -> str:
     note = "Cells by teacher, device and commit: " + "; ".join(" / ".join(x) for x in runs) + ". "
     if any(not r.get("git_commit") for r in results):
         note += ("Cells without a commit ran in a copy without .git: those on the NVIDIA H200 of 2026-11-26 came "
-                 "from commit 54ab193 (later runs record it through NRRDD_GIT_COMMIT). ")
+                 "from commit 54ab193; later runs record source_sha256, a digest of the package source. ")
     if any(r["config"]["student"] != "convnet3" for r in results):
         note += ("ResNet-18 rows are students of the ConvNet-3 teacher (cross-architecture); the paper's ResNet-18 "
                  "figures used a ResNet-18 teacher, so they are shown for reference only.")

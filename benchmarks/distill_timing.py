@@ -14,11 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
-from nrrdd.files import provenance  # noqa: E402
-from nrrdd.config import PRESETS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
+from nrrdd.config import PRESETS
+from nrrdd.runtime import provenance
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     for preset in a.presets:
         out = REPO / "runs" / "timing" / f"{preset}_ipc{a.ipc}"
         cmd = [sys.executable, "-m", "nrrdd", "distill", "--data", a.data, "--teacher",
-               str(REPO / "teachers" / "cifar10_convnet3.safetensors"), "--preset", preset, "--ipc", str(a.ipc),
+               str(REPO / "teachers" / "cifar10_convnet3_nols15.safetensors"), "--preset", preset, "--ipc", str(a.ipc),
                "--device", a.device, "--out", str(out), "--overwrite", "--quiet"]
         load = os.getloadavg()
         subprocess.run(cmd, check=True)

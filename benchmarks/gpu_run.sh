@@ -1,9 +1,9 @@
 #!/bin/bash
-# One GPU session: throughput of each stage (issue 8), then the CIFAR-10 grid with the default teacher and the
+# One GPU session: throughput of each stage, then the CIFAR-10 grid with the default teacher and the
 # chosen settings (IPC 10, 1, 50; ConvNet-3 and ResNet-18 students). The CIFAR-10 copy arrives as zips in .gpu/
 # (git-ignored, made by benchmarks/make_gpu_data.py, carried by the device tool); results are zipped into $OUT
 # every 20 s so a timeout still returns finished cells.
-# Call as: NRRDD_GIT_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_run.sh (the copy there has no .git)
+# Call as: bash benchmarks/gpu_run.sh (the copy there has no .git: results record the source digest)
 for z in c10x c10y; do python3 -m zipfile -e .gpu/$z.zip .gpu; done
 export PYTHONPATH=src PYTHONUNBUFFERED=1 NRRDD_CACHE=/tmp/nc BENCH_DATA=.gpu/cifar10
 res=${BENCH_RESULTS:-benchmarks/results/cifar10_convnet_nols15}

@@ -8,6 +8,7 @@ import os
 import zipfile
 from pathlib import Path
 
+
 PARTS = {"c10x.zip": ["train/airplane", "train/automobile", "train/bird", "train/cat", "train/deer", "train/dog"],
          "c10y.zip": ["train/frog", "train/horse", "train/ship", "train/truck", "test"]}
 

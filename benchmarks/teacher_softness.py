@@ -4,19 +4,20 @@ benchmarks/results/teacher_softness.json.
 
     python benchmarks/teacher_softness.py teachers/cifar10_convnet3.safetensors teachers/cifar10_convnet3_nols15.safetensors
 """
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
-from nrrdd.checkpoint import load_model  # noqa: E402
-from nrrdd.data import load_dataset, normalize  # noqa: E402
-from nrrdd.files import provenance, write_json  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
+from nrrdd.checkpoint import load_model
+from nrrdd.data import load_dataset, normalize
+from nrrdd.files import write_json
+from nrrdd.runtime import provenance
+
 
 t0 = time.time()
 ds = load_dataset("cifar10", progress=False)

@@ -10,20 +10,19 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "src"))
 
-from nrrdd.cam import class_activation_maps  # noqa: E402
-from nrrdd.files import pick_device, provenance  # noqa: E402
-from nrrdd.losses import BNStats, bn_stat_loss  # noqa: E402
-from nrrdd.models import create_model  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+
+from nrrdd.cam import class_activation_maps
+from nrrdd.losses import BNStats, bn_stat_loss
+from nrrdd.models import create_model
+from nrrdd.runtime import pick_device, provenance
 
 
 def rate(fn, batch: int, seconds: float, device) -> float:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+
 # One intra-op thread: the test machine has 2 shared cores, and OpenMP threads that spin while other
 # processes hold the CPUs make small CPU workloads ten times slower, not faster.
 torch.set_num_threads(1)
@@ -79,7 +80,7 @@ def digits():
 def digits_teacher(tmp_path_factory, digits):
     """A tiny ConvNet-3 teacher (width 16, 2 epochs) on the embedded digits, shared by the whole session."""
     from nrrdd.config import TeacherConfig
-    from nrrdd.train import train_teacher
+    from nrrdd.teacher import train_teacher
     out = tmp_path_factory.mktemp("teacher")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NRRDD_CACHE", str(out / "cache"))

@@ -6,11 +6,12 @@ import torch
 from safetensors.torch import save_file
 
 from nrrdd.checkpoint import load_model
-from nrrdd.data import load_dataset
-from nrrdd.dist import init_from_env, rank
 from nrrdd.config import StudentConfig
+from nrrdd.data import load_dataset
 from nrrdd.evaluate import plan_spec, train_student
 from nrrdd.models import create_model
+from nrrdd.runtime import init_from_env, rank
+
 
 teacher_path, out, ddp = sys.argv[1], sys.argv[2], "--ddp" in sys.argv
 dev = torch.device("cpu")

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_convnet.py"
 
 

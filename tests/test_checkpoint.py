@@ -13,6 +13,7 @@ from nrrdd.checkpoint import load_model, read_meta, save_model
 from nrrdd.files import _UMASK, atomic_path, read_json, verify_dir, write_bytes, write_json, write_manifest
 from nrrdd.models import create_model
 
+
 CLASSES = ["cat", "dog", "emu"]
 
 

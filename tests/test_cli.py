@@ -11,6 +11,7 @@ import pytest
 
 from nrrdd.cli import main
 
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SCRIPT = Path(sys.executable).parent / "nrrdd"
 MISSING = "/nonexistent/nrrdd-test-folder"

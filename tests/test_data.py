@@ -7,9 +7,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import read_tree, write_png
 from PIL import Image
 
-from conftest import read_tree, write_png
 from nrrdd import NrrddError
 from nrrdd import data as D
 from nrrdd.data import (carve_split, channel_stats, denormalize, load_dataset, load_image_folder, normalize,

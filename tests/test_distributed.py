@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) must give the same bytes as one process."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,12 +12,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from nrrdd.config import TeacherConfig
-from nrrdd.train import train_teacher
+from nrrdd.teacher import train_teacher
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(_free_port())]
 
 
 def _run(args, env, nproc=1):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", "29517"] if nproc > 1 else [sys.executable]
+    launcher = _torchrun(nproc) if nproc > 1 else [sys.executable]
     r = subprocess.run(launcher + ["-m", "nrrdd", *args], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -35,21 +46,28 @@ def _files(d: Path) -> dict:
             if p.is_file() and (p.parts[-3] == "images" or p.name.endswith(".safetensors"))}
 
 
-def test_two_process_distill_matches_single(setup):
+DISTILL = ["distill", "--data", "digits", "--ipc", "2", "--iterations", "4", "--refine-batch", "6",
+           "--pool-per-class", "20", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def distilled(setup) -> Path:
+    """One process's distilled set, which the relabel and evaluate tests read (they fail, not skip, without it)."""
     root, env, teacher = setup
-    args = ["distill", "--data", "digits", "--teacher", teacher, "--ipc", "2", "--iterations", "4",
-            "--refine-batch", "6", "--pool-per-class", "20", "--device", "cpu", "--quiet"]
-    _run(args + ["--out", str(root / "one")], env)
-    _run(args + ["--out", str(root / "two")], env, nproc=2)
+    _run(DISTILL + ["--teacher", teacher, "--out", str(root / "one")], env)
+    return root / "one"
+
+
+def test_two_process_distill_matches_single(setup, distilled):
+    root, env, teacher = setup
+    _run(DISTILL + ["--teacher", teacher, "--out", str(root / "two")], env, nproc=2)
     one, two = _files(root / "one"), _files(root / "two")
     assert len(one) == 21 and one.keys() == two.keys()  # 20 images + synthetic.safetensors
     assert [k for k in one if one[k] != two[k]] == []
 
 
-def test_two_process_relabel_matches_single(setup):
+def test_two_process_relabel_matches_single(setup, distilled):
     root, env, teacher = setup
-    if not (root / "one").exists():
-        pytest.skip("needs the distilled set of the test above")
     args = ["relabel", "--distilled", str(root / "one"), "--teacher", teacher, "--label-mode", "dbr",
             "--epochs", "3", "--device", "cpu", "--quiet"]
     _run(args + ["--out", str(root / "rl1")], env)
@@ -58,10 +76,8 @@ def test_two_process_relabel_matches_single(setup):
         assert (root / "rl1" / name).read_bytes() == (root / "rl2" / name).read_bytes()
 
 
-def test_two_process_evaluate_splits_seeds_bit_identically(setup):
+def test_two_process_evaluate_splits_seeds_bit_identically(setup, distilled):
     root, env, teacher = setup
-    if not (root / "one").exists():
-        pytest.skip("needs the distilled set of the distill test")
     args = ["evaluate", "--distilled", str(root / "one"), "--teacher", teacher, "--seeds", "3", "--epochs", "2",
             "--width", "16", "--device", "cpu", "--quiet"]
     _run(args + ["--out", str(root / "ev1")], env)
@@ -79,7 +95,7 @@ def test_ddp_student_matches_one_process(setup, tmp_path):
     the whole batch, up to float rounding (ConvNet without BatchNorm, whose per-rank statistics would differ)."""
     root, env, teacher = setup
     worker = str(Path(__file__).with_name("ddp_worker.py"))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518"]
+    torchrun = _torchrun(2)
     for cmd in (torchrun + [worker, teacher, str(tmp_path / "ddp"), "--ddp"],
                 [sys.executable, worker, teacher, str(tmp_path / "one")]):
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

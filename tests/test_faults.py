@@ -20,27 +20,28 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
-import safetensors.torch
 from safetensors.torch import load_file
 
 import nrrdd.checkpoint
 import nrrdd.evaluate
-import nrrdd.labels
 import nrrdd.outdir
-import nrrdd.synth
-import nrrdd.train
+import nrrdd.refine
+import nrrdd.relabel
+import nrrdd.teacher
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, save_model
 from nrrdd.cli import build_parser, main
 from nrrdd.config import TeacherConfig, build_config, to_dict
-from nrrdd.outdir import RUN_FILE
 from nrrdd.files import load_tensors, save_tensors, verify_dir, write_json
 from nrrdd.models import create_model
-from nrrdd.train import TrainState, param_groups
+from nrrdd.outdir import RUN_FILE
+from nrrdd.training import TrainState, param_groups
 from nrrdd.viz import save_png
+
 
 _spec = importlib.util.spec_from_file_location(
     "kill_resume", Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py")
@@ -271,7 +272,7 @@ def test_nan_in_teacher_training_names_the_epoch_and_keeps_the_checkpoint(tmp_pa
     saved = _poison_after_first_save(monkeypatch)
     nan_after_save = types.SimpleNamespace(
         cross_entropy=lambda *a, **k: F.cross_entropy(*a, **k) * (float("nan") if saved else 1.0))
-    monkeypatch.setattr(nrrdd.train, "F", nan_after_save)
+    monkeypatch.setattr(nrrdd.teacher, "F", nan_after_save)
     out = tmp_path / "t"
     assert main(["train-teacher", "--data", "digits", "--width", "8", "--epochs", "3", "--batch-size", "256",
                  "--device", "cpu", "--quiet", "--out", str(out)]) == 2
@@ -287,12 +288,12 @@ def test_nan_in_teacher_training_names_the_epoch_and_keeps_the_checkpoint(tmp_pa
 
 def test_nan_in_refinement_names_the_step_and_keeps_finished_batches(refs, tmp_path, monkeypatch, capsys):
     calls = []
-    real = nrrdd.synth.bn_stat_loss
+    real = nrrdd.refine.bn_stat_loss
 
     def nan_in_second_batch(*a, **k):  # one call per step (alpha_bn > 0), 5 per batch: call 8 = batch 1 step 3
         calls.append(1)
         return real(*a, **k) * (float("nan") if len(calls) >= 8 else 1.0)
-    monkeypatch.setattr(nrrdd.synth, "bn_stat_loss", nan_in_second_batch)
+    monkeypatch.setattr(nrrdd.refine, "bn_stat_loss", nan_in_second_batch)
     out = tmp_path / "d"
     assert main(["distill", "--data", "digits", "--teacher", str(refs.teacher), "--ipc", "2", "--iterations", "5",
                  "--refine-batch", "10", "--alpha-bn", "0.01", "--device", "cpu", "--quiet", "--out", str(out)]) == 2

@@ -13,14 +13,14 @@ from PIL import Image
 
 from nrrdd import NrrddError
 from nrrdd.augment import crop_resize
+from nrrdd.config import LABEL_MODES, StudentConfig, preset_config
 from nrrdd.data import normalize
 from nrrdd.distill import distill
-from nrrdd.config import LABEL_MODES, StudentConfig, preset_config
 from nrrdd.evaluate import evaluate, label_accounting, load_labels, store_labels
 from nrrdd.files import verify_dir
-from nrrdd.labels import (PlanSpec, label_slice, make_plan, mixed_batch, student_loss,
-                          teacher_payload)
 from nrrdd.models import create_model
+from nrrdd.relabel import PlanSpec, label_slice, make_plan, mixed_batch, student_loss, teacher_payload
+
 
 MEAN, STD = (0.5, 0.4, 0.45), (0.25, 0.3, 0.2)
 
@@ -435,6 +435,7 @@ def test_evaluate_resume_with_more_seeds_trains_only_the_new_ones(tmp_path, dist
 def test_evaluate_resume_refuses_another_distilled_set(tmp_path, distilled_digits, digits):
     """Seeds trained on one distilled set must never be reused for another (here: one image changed)."""
     import shutil
+
     from PIL import Image
     other = tmp_path / "other"
     shutil.copytree(distilled_digits, other)
@@ -453,7 +454,7 @@ def test_ipc_and_batch_size_come_from_one_rule(tmp_path, digits, digits_teacher)
     same IPC (11, the largest class share) and batch size, so evaluate accepts the labels relabel stored."""
     from nrrdd.config import images_per_class
     from nrrdd.files import read_tensor_meta
-    from nrrdd.labels import relabel_set
+    from nrrdd.relabel import relabel_set
     folder = tmp_path / "plain"
     counts = [11] * 5 + [10] * 5
     for c, n in enumerate(counts):

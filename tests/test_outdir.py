@@ -10,6 +10,7 @@ import pytest
 from nrrdd import NrrddError
 from nrrdd.outdir import MANIFEST, RUN_FILE, check_out, differences, finish_out, foreign_files, open_out, read_run
 
+
 SETTINGS = {"config": {"ipc": 2, "lr": 0.01}}
 
 

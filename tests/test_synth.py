@@ -13,18 +13,20 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import nrrdd.distill as distill_mod
-import nrrdd.synth as synth
+import nrrdd.refine as refine
 from nrrdd import NrrddError
 from nrrdd.augment import box_mass, crop_resize, paste_boxes, random_square_boxes, stitch
 from nrrdd.cam import class_activation_maps
 from nrrdd.checkpoint import load_model
+from nrrdd.config import PRESETS, SynthConfig, preset_config
 from nrrdd.data import normalize
 from nrrdd.distill import distill
 from nrrdd.files import verify_dir
 from nrrdd.losses import noncritical_mask
 from nrrdd.models import create_model
-from nrrdd.config import PRESETS, SynthConfig, preset_config
-from nrrdd.synth import initial_images, refine_batch, refine_images, to_uint8
+from nrrdd.refine import refine_batch, refine_images, to_uint8
+from nrrdd.selection import initial_images
+
 
 # 20 images in 2 refinement batches of 10: small, and the batch split is exercised (resume uses it)
 FAST = {"iterations": 5, "ipc": 2, "pool_per_class": 20, "refine_batch": 10}
@@ -380,7 +382,7 @@ def test_resume_after_interrupted_refinement(tmp_path, preset_runs, digits, digi
     ref, cfg = preset_runs("nrrdd")  # 20 images in 2 refinement batches, run without interruption
     assert cfg.refine_batch == 10
 
-    real = synth.refine_batch
+    real = refine.refine_batch
     calls = []
 
     def dies_on_second(*a, **k):
@@ -388,7 +390,7 @@ def test_resume_after_interrupted_refinement(tmp_path, preset_runs, digits, digi
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **k)
-    monkeypatch.setattr(synth, "refine_batch", dies_on_second)
+    monkeypatch.setattr(refine, "refine_batch", dies_on_second)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         distill(digits, digits_teacher, cfg, out, device="cpu", progress=False)
@@ -406,7 +408,7 @@ def test_resume_after_interrupted_refinement(tmp_path, preset_runs, digits, digi
     def no_selection(*a, **k):
         raise AssertionError("initial images recomputed")
     calls.clear()
-    monkeypatch.setattr(synth, "refine_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(refine, "refine_batch", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     monkeypatch.setattr(distill_mod, "initial_images", no_selection)
     distill(digits, digits_teacher, cfg, out, device="cpu", resume=True, progress=False)
     assert len(calls) == 1  # only the missing batch was refined

@@ -8,13 +8,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import nrrdd.train as T
+import nrrdd.teacher as T
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
+from nrrdd.config import TeacherConfig
 from nrrdd.data import load_dataset
 from nrrdd.files import verify_dir
-from nrrdd.config import TeacherConfig
-from nrrdd.train import TrainState, accuracy, one_cycle, train_teacher
+from nrrdd.teacher import train_teacher
+from nrrdd.training import TrainState, accuracy, one_cycle
 
 
 def tiny(**kw) -> TeacherConfig:

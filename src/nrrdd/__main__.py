@@ -1,3 +1,4 @@
 from nrrdd.cli import main
 
+
 raise SystemExit(main())

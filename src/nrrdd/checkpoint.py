@@ -6,11 +6,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file, safe_open
+from safetensors.torch import load_file, safe_open, save_file
 
 from nrrdd import NrrddError
 from nrrdd.files import atomic_path
 from nrrdd.models import Net, create_model
+
 
 REQUIRED = ("arch", "classes", "image_size", "channels", "mean", "std")
 

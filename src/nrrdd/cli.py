@@ -7,6 +7,7 @@ import sys
 from nrrdd import NrrddError, __version__
 from nrrdd.config import add_config_args, build_config, load_config_file
 
+
 DEFAULT_THREADS = 0
 
 
@@ -31,7 +32,7 @@ def _no_verify(p: argparse.ArgumentParser, what: str) -> None:
 
 def cmd_train_teacher(a) -> int:
     from nrrdd.config import TeacherConfig
-    from nrrdd.train import train_teacher
+    from nrrdd.teacher import train_teacher
     cfg = build_config(TeacherConfig, _config_file(a), a)
     r = train_teacher(cfg, a.out, a.device, resume=a.resume, overwrite=a.overwrite, progress=not a.quiet)
     print(f"teacher {cfg.arch} on {cfg.data}: val {r['val_acc']:.2f}%  test {r['test_acc']:.2f}%  "
@@ -62,8 +63,8 @@ def _config_file(a, only=None) -> dict | None:
 
 
 def cmd_evaluate(a) -> int:
-    from nrrdd.evaluate import evaluate
     from nrrdd.config import StudentConfig
+    from nrrdd.evaluate import evaluate
     cfg = build_config(StudentConfig, _config_file(a), a)
     r = evaluate(a.distilled, cfg, a.out, teacher_path=a.teacher, labels_dir=a.labels, device=a.device,
                  resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, verify=a.verify)
@@ -78,7 +79,7 @@ def cmd_evaluate(a) -> int:
 
 def cmd_relabel(a) -> int:
     from nrrdd.config import RELABEL_FIELDS, StudentConfig
-    from nrrdd.labels import relabel_set
+    from nrrdd.relabel import relabel_set
     cfg = build_config(StudentConfig, _config_file(a, RELABEL_FIELDS), a)
     info = relabel_set(a.distilled, a.teacher, cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite,
                        progress=not a.quiet, verify=a.verify)
@@ -105,7 +106,7 @@ def cmd_demo(a) -> int:
     from nrrdd.evaluate import evaluate
     from nrrdd.outdir import check_out, finish_out, open_out
     from nrrdd.report import write_report
-    from nrrdd.train import train_teacher
+    from nrrdd.teacher import train_teacher
     settings = {"ipc": a.ipc}
     out = open_out(a.out, "demo", settings, check_out(a.out, "demo", settings, a.overwrite, a.resume))
     ds = load_dataset("digits")
@@ -150,6 +151,7 @@ def cmd_verify(a) -> int:
 
 def cmd_export_arrays(a) -> int:
     from pathlib import Path
+
     from nrrdd.data import load_arrays, save_arrays
     if Path(a.out).exists():
         if not a.overwrite:

@@ -13,6 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from nrrdd import NrrddError
 
+
 LABEL_MODES = ("sl-online", "sl-stored", "dbr", "onehot", "compact")
 STORED_MODES = ("sl-stored", "dbr", "compact")
 

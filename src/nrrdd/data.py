@@ -22,6 +22,7 @@ from nrrdd import NrrddError
 from nrrdd.files import atomic_path, read_json, require_intact, sha256_bytes
 from nrrdd.outdir import MANIFEST
 
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
 # Files that commonly sit in data folders and are not samples.
 IGNORED_NAMES = {"README.md", "README", "LICENSE", ".DS_Store", "Thumbs.db", "manifest.json", "labels.json"}
@@ -348,14 +349,6 @@ def load_distilled(path, verify: bool = True) -> tuple[Split, list[str], dict]:
     if record and set(classes) != set(record["classes"]):
         raise NrrddError(f"{root}: class folders {classes} differ from distill.json's {record['classes']}")
     return split, classes, record
-
-
-def load_classes_only(spec: str) -> list[str]:
-    """Class names of a data set without decoding it."""
-    if spec == "digits":
-        return [str(i) for i in range(10)]
-    root = resolve_named(spec) if spec in ("cifar10", "cifar100") else spec
-    return scan_image_folder(os.path.join(root, "train"))[1]
 
 
 # ---------------------------------------------------------------- tensors on the device

@@ -11,17 +11,16 @@ import torch
 from tqdm import tqdm
 
 from nrrdd import NrrddError
-from nrrdd.checkpoint import load_model
+from nrrdd.checkpoint import load_model, read_meta
+from nrrdd.config import SynthConfig, to_dict
 from nrrdd.data import Dataset, load_dataset
-from nrrdd.dist import barrier, init_from_env, is_main, mine
-from nrrdd.checkpoint import read_meta
-from nrrdd.files import (load_tensors, pick_device, provenance, read_json, read_tensor_meta, save_tensors, sha256_bytes,
-                         sha256_file, write_json)
+from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.outdir import check_out, finish_out, open_out
-from nrrdd.config import to_dict
-from nrrdd.config import SynthConfig
-from nrrdd.synth import check_enough_images, initial_images, refine_images, refinement_mask, to_uint8
+from nrrdd.refine import refine_images, refinement_mask, to_uint8
+from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance
+from nrrdd.selection import check_enough_images, initial_images
 from nrrdd.viz import image_grid, refinement_panel, save_png
+
 
 IMAGES = "images"
 

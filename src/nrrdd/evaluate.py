@@ -14,13 +14,13 @@ from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.config import STORED_MODES, StudentConfig, images_per_class, to_dict
 from nrrdd.data import load_dataset, load_distilled
-from nrrdd.dist import barrier, init_from_env, is_main, mine, rank, world
-from nrrdd.files import check_finite, pick_device, provenance, read_json, sha256_bytes, sha256_file, write_json
-from nrrdd.labels import (PlanSpec, images_digest, label_accounting, label_slice, load_labels, make_plan, mixed_batch,
-                          plan_spec, store_labels, student_loss)
-from nrrdd.outdir import check_out, finish_out, open_out
+from nrrdd.files import read_json, sha256_bytes, sha256_file, write_json
 from nrrdd.models import create_model
-from nrrdd.train import TrainState, accuracy, param_groups
+from nrrdd.outdir import check_out, finish_out, open_out
+from nrrdd.relabel import (PlanSpec, images_digest, label_accounting, label_slice, load_labels, make_plan, mixed_batch,
+                           plan_spec, store_labels, student_loss)
+from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance, rank, world
+from nrrdd.training import TrainState, accuracy, check_finite, cosine, param_groups
 
 
 # ---------------------------------------------------------------- one student
@@ -53,7 +53,7 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
     for epoch in tqdm(range(start, spec.epochs), desc=f"student seed {seed}", disable=not progress, leave=False,
                       initial=start, total=spec.epochs):
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * epoch / (cfg.cosine_span * spec.epochs)))
+            group["lr"] = cfg.lr * cosine(epoch, spec.epochs, cfg.cosine_span)
         for b in range(nb):
             x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, mean, std))
             if cfg.label_mode == "sl-online":

@@ -6,18 +6,15 @@ import errno
 import hashlib
 import json
 import os
-import platform
-import random
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from nrrdd import NrrddError, __version__
+from nrrdd import NrrddError
 from nrrdd.outdir import MANIFEST
+
 
 _UMASK = os.umask(0)  # read the umask (there is no getter) and put it back
 os.umask(_UMASK)
@@ -88,28 +85,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def provenance() -> dict:
-    """What a reader needs to rerun an output: code version, command, machine."""
-    try:
-        r = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent, timeout=5)
-        commit = r.stdout.strip() if r.returncode == 0 else None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
-    # A copy without .git (e.g. a remote GPU machine) is told its commit by whoever sent it.
-    commit = commit or os.environ.get("NRRDD_GIT_COMMIT")
-    import torchvision
-    return {
-        "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty,
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-        "numpy": np.__version__, "machine": platform.node(), "processor": platform.machine(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
-    }
-
-
 def _listed(out_dir: Path) -> list[Path]:
     """The files a manifest covers: all but itself and hidden bookkeeping (run file, temporary files)."""
     return [p for p in sorted(out_dir.rglob("*")) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
@@ -150,40 +125,6 @@ def require_intact(folder, what: str) -> None:
     if problems:
         raise NrrddError(f"{folder}: the {what} changed since nrrdd wrote it ({len(problems)} problem(s): "
                          f"{'; '.join(problems[:3])}); see `nrrdd verify {folder}`, restore it or pass --no-verify")
-
-
-def seed_everything(seed: int) -> torch.Generator:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # under torchrun each rank takes its own GPU
-        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
-    kind, _, index = name.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise NrrddError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise NrrddError(f"--device {name}: no CUDA device is visible; use --device cpu")
-    if kind == "cuda" and int(index) >= torch.cuda.device_count():
-        raise NrrddError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    dev = torch.device(name)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return dev
-
-
-def check_finite(loss: torch.Tensor, where: str) -> None:
-    """Stop on NaN/inf rather than training on garbage; the caller's last checkpoint stays intact."""
-    if not torch.isfinite(loss).all():
-        raise NrrddError(f"non-finite loss ({loss.detach().flatten()[0].item()}) at {where}; the last good "
-                         "checkpoint is kept: lower the learning rate and rerun with --resume")
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> int:

@@ -10,6 +10,7 @@ import torchvision
 
 from nrrdd import NrrddError
 
+
 _REGISTRY: dict[str, Callable[..., "Net"]] = {}
 
 
@@ -137,7 +138,3 @@ def mobilenet_v2(num_classes, image_size, channels, **_):
 @register("efficientnet_b0")
 def efficientnet_b0(num_classes, image_size, channels, **_):
     return _torchvision_net(torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes), channels)
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.BatchNorm2d) for m in model.modules())

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from nrrdd import NrrddError
 
+
 MANIFEST = "manifest.json"
 RUN_FILE = ".nrrdd-run.json"
 

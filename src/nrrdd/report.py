@@ -8,6 +8,7 @@ from nrrdd import NrrddError
 from nrrdd.files import atomic_path, read_json, require_intact, write_bytes
 from nrrdd.outdir import MANIFEST
 
+
 # Paper figures (top-1 %, Tables 1, 2 and 4). Keys: (data, student, preset, label mode, ipc).
 PAPER = {
     **{("cifar10", "convnet3", "rded", "sl-online", i): v for i, v in zip((1, 10, 50), (23.5, 50.2, 68.4))},

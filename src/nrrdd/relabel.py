@@ -17,13 +17,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nrrdd import NrrddError
-from nrrdd.config import LABEL_MODES, RELABEL_FIELDS, STORED_MODES, StudentConfig, auto_batch_size, images_per_class, to_dict
 from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_square_boxes
+from nrrdd.config import (LABEL_MODES, RELABEL_FIELDS, STORED_MODES, StudentConfig, auto_batch_size, images_per_class,
+                          to_dict)
 from nrrdd.data import normalize
-from nrrdd.dist import barrier, gather_to_all, init_from_env, is_main, mine
-from nrrdd.files import load_tensors, pick_device, provenance, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
+from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
-
+from nrrdd.runtime import barrier, gather_to_all, init_from_env, is_main, mine, pick_device, provenance
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,96 @@
+"""Stage 2: initial images (Sec. 3.2, Algorithm 1): CIDD patches (CAM-ranked crops, highest-confidence
+patches), RDED patches (lowest-CE crops), Gaussian noise (SRe2L) or random real images, stitched beta to an
+image. Every method is a preset of `SynthConfig`; one code path serves all of them."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nrrdd import NrrddError
+from nrrdd.augment import box_mass, crop_resize, random_square_boxes, stitch
+from nrrdd.cam import class_activation_maps
+from nrrdd.config import SynthConfig
+from nrrdd.data import Split, normalize
+from nrrdd.models import Net
+from nrrdd.runtime import class_generator
+
+
+def check_enough_images(counts: list[int], classes: list[str], cfg: SynthConfig) -> None:
+    """Refuse, before any work, an IPC that some class cannot fill: ipc x beta real images (random) or
+    candidate patches (pool_per_class x top_t crops) per class."""
+    need = cfg.ipc * cfg.beta
+    for name, n in zip(classes, counts):
+        have = {"random": n, "patches": min(n, cfg.pool_per_class) * min(cfg.top_t, cfg.crops_per_image)}.get(cfg.init)
+        if have is not None and have < need:
+            what = "real images" if cfg.init == "random" else (
+                f"patches (pool {min(n, cfg.pool_per_class)} images x top_t {min(cfg.top_t, cfg.crops_per_image)})")
+            raise NrrddError(f"--ipc {cfg.ipc}: class '{name}' has {n} training images, {have} {what}, but ipc x "
+                             f"beta = {need} are needed; lower --ipc" + ("" if cfg.init == "random" else
+                                                                          " or raise --pool-per-class / --top-t"))
+
+
+
+@torch.no_grad()
+def teacher_ce(teacher: Net, x: torch.Tensor, c: int, batch_size: int = 500) -> torch.Tensor:
+    out = [F.cross_entropy(teacher(x[i:i + batch_size]), torch.full((len(x[i:i + batch_size]),), c, device=x.device),
+                           reduction="none") for i in range(0, len(x), batch_size)]
+    return torch.cat(out)
+
+
+
+def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig, mean, std, device) -> tuple[torch.Tensor, dict]:
+    """CIDD / RDED for one class: (beta * ipc, C, H, W) normalised patches at full size, and what was chosen."""
+    need = cfg.ipc * cfg.beta
+    if cfg.init == "random":
+        idx = torch.randperm(len(images), generator=class_generator(cfg.seed, c))[:need]
+        return normalize(images[idx].to(device), mean, std), {"source_index": idx.tolist()}
+    gen = class_generator(cfg.seed, c)
+    pool_idx = torch.randperm(len(images), generator=gen)[:cfg.pool_per_class]
+    x = normalize(images[pool_idx].to(device), mean, std)  # (n, C, H, W)
+    n, h, w, k = len(x), x.shape[-2], x.shape[-1], cfg.crops_per_image
+    boxes = random_square_boxes(n * k, h, w, (cfg.crop_scale_min, 1.0), gen)
+    owner = torch.arange(n).repeat_interleave(k)
+    if cfg.crop_score == "ce":
+        score = -teacher_ce(teacher, crop_resize(x, boxes, h, owner), c).cpu()
+    else:
+        cam = class_activation_maps(teacher, x, torch.full((n,), c)).cpu()
+        mass = box_mass(cam, boxes, owner)
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        score = mass / cam.sum((1, 2))[owner].clamp_min(1e-12) if cfg.crop_score == "cam_ratio" else mass / area
+    top = score.view(n, k).topk(min(cfg.top_t, k), dim=1).indices  # (n, t)
+    keep = (top + torch.arange(n)[:, None] * k).flatten()
+    patches = crop_resize(x, boxes[keep], h, owner[keep])
+    conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
+    order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
+    return patches[order.to(patches.device)], {
+        "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),
+        "confidence": [round(v, 5) for v in conf[order].tolist()]}
+
+
+
+def initial_images(teacher: Net, train: Split, num_classes: int, cfg: SynthConfig, mean, std, device,
+                   progress: bool = True, classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Initial synthetic set, class-major: (ipc * C', C, H, W) normalised, labels, per-class selection records."""
+    xs, ys, records = [], [], []
+    c_in, h, w = train.images.shape[1:]
+    for c in tqdm(classes if classes is not None else range(num_classes), desc="select", disable=not progress,
+                  leave=False):
+        if cfg.init == "noise":
+            x = torch.randn(cfg.ipc, c_in, h, w, generator=class_generator(cfg.seed, c)).to(device)
+            rec = {}
+        else:
+            patches, rec = select_patches(teacher, train.of_class(c), c, cfg, mean, std, device)
+            g = math.isqrt(cfg.beta)
+            if g > 1:
+                patches = F.interpolate(patches, size=(h // g, w // g), mode="bilinear", antialias=True,
+                                        align_corners=False)
+            x = stitch(patches, cfg.beta)
+            if x.shape[-1] != w:  # sides not divisible by g: stretch the grid back to the input size
+                x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        xs.append(x)
+        ys.append(torch.full((cfg.ipc,), c))
+        records.append({"class": c, **rec})
+    return torch.cat(xs), torch.cat(ys), records
