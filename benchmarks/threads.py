@@ -64,9 +64,9 @@ def main() -> None:
                 if comp is not None:
                     comp.kill()
                     comp.wait()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
-    record = {"kind": "benchmark", "benchmark": "threads", "schema_version": 1, "rows": rows,
-              "command": " ".join(["python"] + sys.argv), "git_commit": commit, "machine": platform.node(),
+    from nrrdd.runtime import provenance
+    record = {"kind": "benchmark", "benchmark": "threads", "schema_version": 1, "rows": rows, **provenance(),
+              "command": " ".join(["python"] + sys.argv), "machine": platform.node(),
               "cores": os.cpu_count(), "student": {"distilled": a.distilled, "epochs": a.student_epochs, "seeds": 1},
               "competitor": "one process looping 1024x1024 float32 matmuls at torch's default thread count",
               "wall_time_s": round(time.time() - t_start, 1)}
