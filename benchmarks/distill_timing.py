@@ -41,7 +41,7 @@ def main() -> None:
         rows[preset] = {"timings_s": rec["timings"], "memory": rec["memory"], "load_average_before": load,
                         "config": rec["config"], "command": " ".join(cmd[1:])}
         print(preset, rec["timings"], flush=True)
-    result = {"what": f"nrrdd distill, {a.data}, IPC {a.ipc}, per-stage wall time (s) and peak memory",
+    result = {"kind": "benchmark", "benchmark": "distill_timing", "what": f"nrrdd distill, {a.data}, IPC {a.ipc}, per-stage wall time (s) and peak memory",
               "presets": rows, "cpu_count": os.cpu_count(), "wall_time_s": round(time.time() - t0, 1), **provenance()}
     path = REPO / "benchmarks" / "results" / f"distill_timing_{a.device.split(':')[0]}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")

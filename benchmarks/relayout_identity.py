@@ -12,7 +12,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -92,12 +91,10 @@ def main() -> None:
                  "working tree": pipeline(REPO / "src", tmp / "new", env, a)}
         before, after = outputs(tmp / "ref"), outputs(tmp / "new")
     differ = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    record = {"kind": "benchmark", "benchmark": "relayout_identity", "schema_version": 1,
-              "reference_commit": git("rev-parse", a.reference).strip(), "git_commit": git("rev-parse", "HEAD").strip(),
-              "working_tree_dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip()),
-              "settings": vars(a), "compared": len(before), "identical": not differ, "differing": differ,
-              "outputs": after, "wall_time_s": walls, "command": " ".join(["python"] + sys.argv),
-              "machine": platform.node(), "threads": 1}
+    from nrrdd.runtime import provenance
+    record = {"kind": "benchmark", "benchmark": "relayout_identity", **provenance(),
+              "reference_commit": git("rev-parse", a.reference).strip(), "settings": vars(a), "compared": len(before), "identical": not differ, "differing": differ,
+              "outputs": after, "wall_time_s": walls, "threads": 1}
     Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
     print(f"{len(before)} outputs compared, {len(differ)} differ{': ' + ', '.join(differ[:10]) if differ else ''}"
           f" -> {a.out}")

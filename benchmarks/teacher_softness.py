@@ -32,5 +32,5 @@ for path in sys.argv[1:]:
                  "top_prob": {T: round(torch.softmax(z / T, 1).max(1).values.mean().item(), 4) for T in (1, 4, 20)}})
     print(rows[-1]["teacher"], rows[-1]["logit_std"], rows[-1]["top_prob"])
 write_json(REPO / "benchmarks" / "results" / "teacher_softness.json",
-           {"images": "first 2000 validation images of cifar10", "teachers": rows,
+           {"kind": "benchmark", "benchmark": "teacher_softness", "images": "first 2000 validation images of cifar10", "teachers": rows,
             "wall_time_s": round(time.time() - t0, 1), **provenance()})

@@ -37,7 +37,7 @@ def timed(argv: list[str], env: dict, timeout: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--distilled", required=True, help="CIFAR-10 distilled folder for the student rows")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="--threads values to compare")
+    ap.add_argument("--threads", nargs="+", default=["1", "2", "auto"], help="--threads values to compare")
     ap.add_argument("--student-epochs", type=int, default=100)
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "threads_cpu.json"))
@@ -65,7 +65,7 @@ def main() -> None:
                     comp.kill()
                     comp.wait()
     from nrrdd.runtime import provenance
-    record = {"kind": "benchmark", "benchmark": "threads", "schema_version": 1, "rows": rows, **provenance(),
+    record = {"kind": "benchmark", "benchmark": "threads", "rows": rows, **provenance(),
               "command": " ".join(["python"] + sys.argv), "machine": platform.node(),
               "cores": os.cpu_count(), "student": {"distilled": a.distilled, "epochs": a.student_epochs, "seeds": 1},
               "competitor": "one process looping 1024x1024 float32 matmuls at torch's default thread count",

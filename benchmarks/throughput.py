@@ -84,7 +84,7 @@ def main() -> None:
     a = p.parse_args()
     dev = pick_device(a.device)
     t0 = time.time()
-    out = {"units": "images per second", "device": provenance()["device"], "load_average_before": os.getloadavg(),
+    out = {"kind": "benchmark", "benchmark": "throughput", "units": "images per second", "device": provenance()["device"], "load_average_before": os.getloadavg(),
            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.node(),
            "stages": {arch: stages(arch, dev, a.seconds) for arch in ("convnet3", "resnet18")}}
     out.update(wall_time_s=round(time.time() - t0, 1), load_average_after=os.getloadavg(), **provenance())

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny ImageFolder trees on disk and a private decode cache for every test."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from PIL import Image
 # One intra-op thread: the test machine has 2 shared cores, and OpenMP threads that spin while other
 # processes hold the CPUs make small CPU workloads ten times slower, not faster.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"  # and `--threads auto` of in-process CLI calls keeps that one thread
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,8 @@ from nrrdd.distill import distill
 from nrrdd.evaluate import evaluate, label_accounting, load_labels, store_labels
 from nrrdd.files import verify_dir
 from nrrdd.models import create_model
-from nrrdd.relabel import PlanSpec, label_slice, make_plan, mixed_batch, student_loss, teacher_payload
+from nrrdd.relabel import (MODES, PlanSpec, label_slice, make_plan, mixed_batch, stored_modes, student_loss,
+                           teacher_payload)
 
 
 MEAN, STD = (0.5, 0.4, 0.45), (0.25, 0.3, 0.2)
@@ -157,33 +158,43 @@ def _ce_by_hand(row, target):
     return math.log(sum(math.exp(v) for v in row)) - row[target]
 
 
+TOP2 = StudentConfig(topk=2)
+
+
+def test_registry_implements_every_named_mode():
+    """config.LABEL_MODES names the modes for --help without torch; relabel.MODES implements exactly those."""
+    assert list(MODES) == list(LABEL_MODES)
+    assert stored_modes() == ["sl-stored", "dbr", "compact"] and [k for k, m in MODES.items() if m.teacher_online] == [
+        "sl-online"]
+
+
 def test_teacher_payload_modes():
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.5], [0.0, 1.0, 3.0, 1.0]])
     y_org, y_aug = torch.tensor([0, 2]), torch.tensor([3, 1])
-    dbr = teacher_payload("dbr", logits, y_org, y_aug, topk=2)
+    dbr = teacher_payload("dbr", logits, y_org, y_aug, TOP2)
     assert set(dbr) == {"d_org", "d_aug"} and dbr["d_org"].dtype == torch.float16
     rows = logits.tolist()
     for i in range(2):
         assert float(dbr["d_org"][i]) == pytest.approx(_ce_by_hand(rows[i], int(y_org[i])), rel=1e-3)
         assert float(dbr["d_aug"][i]) == pytest.approx(_ce_by_hand(rows[i], int(y_aug[i])), rel=1e-3)
-    comp = teacher_payload("compact", logits, y_org, y_aug, topk=2)
+    comp = teacher_payload("compact", logits, y_org, y_aug, TOP2)
     assert comp["topk_values"].shape == (2, 2) and comp["topk_values"].dtype == torch.float16
     assert comp["topk_index"].tolist() == [[0, 3], [2, 1]] or comp["topk_index"].tolist() == [[0, 3], [2, 3]]
     for i in range(2):
         z = sum(math.exp(v) for v in rows[i])
         for j, cls in enumerate(comp["topk_index"][i].tolist()):
             assert float(comp["topk_values"][i, j]) == pytest.approx(math.exp(rows[i][cls]) / z, rel=1e-3)
-    sl = teacher_payload("sl-stored", logits, y_org, y_aug, topk=2)
+    sl = teacher_payload("sl-stored", logits, y_org, y_aug, TOP2)
     assert sl["logits"].dtype == torch.float16 and torch.allclose(sl["logits"].float(), logits)
-    with pytest.raises(ValueError):
-        teacher_payload("onehot", logits, y_org, y_aug, topk=2)
+    with pytest.raises(NrrddError, match="stores nothing"):
+        teacher_payload("onehot", logits, y_org, y_aug, TOP2)
 
 
 def _labels_for(mode, teacher_logits, y_org, y_aug):
     if mode in ("sl-online", "sl-stored"):
         return {"logits": teacher_logits}
     if mode in ("dbr", "compact"):
-        return teacher_payload(mode, teacher_logits, y_org, y_aug, topk=2)
+        return teacher_payload(mode, teacher_logits, y_org, y_aug, TOP2)
     return {}
 
 
@@ -194,8 +205,8 @@ def test_student_loss_every_mode_finite_scalar_with_gradient(mode):
     t_logits = torch.randn(6, 5, generator=g) * 3
     y_org, y_aug = torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 1, 3, 0, 2, 4])
     lam = torch.rand(6, generator=g)
-    loss = student_loss(mode, logits, y_org, y_aug, lam, _labels_for(mode, t_logits, y_org, y_aug), 4.0, 0.6931,
-                        1.0, 5)
+    loss = student_loss(mode, logits, y_org, y_aug, lam, _labels_for(mode, t_logits, y_org, y_aug),
+                        StudentConfig(temperature=4.0, r=0.6931), 5)
     assert loss.ndim == 0 and torch.isfinite(loss)
     loss.backward()
     assert logits.grad is not None and logits.grad.abs().sum() > 0
@@ -203,8 +214,7 @@ def test_student_loss_every_mode_finite_scalar_with_gradient(mode):
 
 def test_student_loss_unknown_mode():
     with pytest.raises(NrrddError):
-        student_loss("hard", torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0]), torch.ones(1), {}, 1.0,
-                     0.5, 1.0, 2)
+        student_loss("hard", torch.zeros(1, 2), torch.tensor([0]), torch.tensor([0]), torch.ones(1), {}, TOP2, 2)
 
 
 def test_student_loss_onehot_is_mixed_label_ce():
@@ -214,18 +224,19 @@ def test_student_loss_onehot_is_mixed_label_ce():
     # row 0: target (0.7, 0.3), log softmax(1, 0) = (1 - ln(1 + e), -ln(1 + e)) -> ln(1 + e) - 0.7
     # row 1: target (0, 1) (both labels class 1), uniform prediction -> ln 2
     want = ((math.log(1 + e) - 0.7) + math.log(2)) / 2
-    got = student_loss("onehot", logits, y_org, y_aug, lam, {}, 20.0, 0.6931, 1.0, 2)
+    got = student_loss("onehot", logits, y_org, y_aug, lam, {}, TOP2, 2)
     assert got.item() == pytest.approx(want, rel=1e-6)
 
 
 def test_student_loss_soft_dbr_compact_hand_values():
     T = 5.0
+    cfg = StudentConfig(temperature=T, r=0.6931, alpha_dbr=0.5)
     # sl: student uniform at any T; teacher logits (T ln 3, 0) soften to (3/4, 1/4)
     student = torch.zeros(1, 2)
     teacher = torch.tensor([[T * math.log(3.0), 0.0]])
     want_kl = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
     for mode in ("sl-online", "sl-stored"):
-        got = student_loss(mode, student, None, None, None, {"logits": teacher}, T, 0.6931, 1.0, 2)
+        got = student_loss(mode, student, None, None, None, {"logits": teacher}, cfg, 2)
         assert got.item() == pytest.approx(want_kl, rel=1e-5)
     # dbr: student logits (1, 0): d_org (class 0) = ln(1 + e) - 1 = 0.3133 < r, d_aug (class 1) = ln(1 + e) = 1.3133
     r, a = 0.6931, 0.5
@@ -233,17 +244,17 @@ def test_student_loss_soft_dbr_compact_hand_values():
     label = {"d_org": torch.tensor([0.5]), "d_aug": torch.tensor([1.0])}
     want = (0 + (d1 - r)) + a * (abs(d0 - 0.5) + abs(d1 - 1.0))
     got = student_loss("dbr", torch.tensor([[1.0, 0.0]]), torch.tensor([0]), torch.tensor([1]), torch.ones(1), label,
-                       T, r, a, 2)
+                       cfg, 2)
     assert got.item() == pytest.approx(want, rel=1e-5)
     # compact: top-2 (0.6 for class 2, 0.2 for class 0) renormalised to (0.25, 0, 0.75); uniform student -> ln 3
     label = {"topk_values": torch.tensor([[0.6, 0.2]]).half(), "topk_index": torch.tensor([[2, 0]]).short()}
-    got = student_loss("compact", torch.zeros(1, 3), None, None, None, label, T, r, a, 3)
+    got = student_loss("compact", torch.zeros(1, 3), None, None, None, label, cfg, 3)
     assert got.item() == pytest.approx(math.log(3), rel=1e-5)
     # and with a non-uniform student the renormalised target matters: -(0.25 log p0 + 0.75 log p2)
     z = torch.tensor([[1.0, 2.0, 0.0]])
     lse = math.log(math.e + math.e ** 2 + 1)
     want = -(0.25 * (1 - lse) + 0.75 * (0 - lse))
-    got = student_loss("compact", z, None, None, None, label, T, r, a, 3)
+    got = student_loss("compact", z, None, None, None, label, cfg, 3)
     assert got.item() == pytest.approx(want, rel=1e-4)
 
 
@@ -470,3 +481,20 @@ def test_ipc_and_batch_size_come_from_one_rule(tmp_path, digits, digits_teacher)
                  device="cpu", progress=False, data=digits)
     assert r["ipc"] == 11 and r["plan"]["batch_size"] == 100
 
+
+
+def test_unstitch_trains_on_the_tiles_and_relabel_agrees(tmp_path, digits, digits_teacher):
+    """Multi-formation: a beta-4 set of IPC 1 gives the student 4 full-size tiles per class; stored labels
+    made with the same recipe fit those 40 samples."""
+    from nrrdd.relabel import relabel_set
+    cfg = preset_config("cidd", {"ipc": 1, "beta": 4, "pool_per_class": 20})
+    distill(digits, digits_teacher, cfg, tmp_path / "d", preset="cidd", device="cpu", progress=False)
+    student = StudentConfig(label_mode="dbr", epochs=1, seeds=1, width=8, unstitch=True)
+    info = relabel_set(tmp_path / "d", digits_teacher, student, tmp_path / "labels", device="cpu", progress=False)
+    assert info["mixed_samples"] == 40
+    r = evaluate(tmp_path / "d", student, tmp_path / "ev", labels_dir=tmp_path / "labels", device="cpu",
+                 progress=False, data=digits)
+    assert r["plan"]["num_images"] == 40 and r["plan"]["batch_size"] == 40
+    whole = evaluate(tmp_path / "d", StudentConfig(label_mode="onehot", epochs=1, seeds=1, width=8), tmp_path / "ev1",
+                     device="cpu", progress=False, data=digits)
+    assert whole["plan"]["num_images"] == 10

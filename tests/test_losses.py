@@ -238,3 +238,21 @@ def test_refinement_update_is_scaled_by_the_mask():
                        torch.Generator().manual_seed(0))
     assert (got >= lo2).all() and (got <= hi2).all()
     assert ((got == lo2) | (got == hi2)).any()
+
+
+def test_ema_update_moves_weights_by_one_minus_decay_and_copies_buffers():
+    from nrrdd.training import ema_copy, ema_update
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    ema = ema_copy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0)
+        model[1].running_mean.fill_(3.0)
+    ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.1)) for p in ema.parameters())  # 0.9 * 0 + 0.1 * 1
+    assert ema[1].running_mean.item() == 3.0 and not any(p.requires_grad for p in ema.parameters())
+    ema_update(ema, model, 0.9)
+    assert all(torch.allclose(p, torch.full_like(p, 0.19)) for p in ema.parameters())  # 0.9 * 0.1 + 0.1

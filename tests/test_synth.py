@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import nrrdd.distill as distill_mod
 import nrrdd.refine as refine
 from nrrdd import NrrddError
-from nrrdd.augment import box_mass, crop_resize, paste_boxes, random_square_boxes, stitch
+from nrrdd.augment import unstitch, box_mass, crop_resize, paste_boxes, random_square_boxes, stitch
 from nrrdd.cam import class_activation_maps
 from nrrdd.checkpoint import load_model
 from nrrdd.config import PRESETS, SynthConfig, preset_config
@@ -50,6 +50,17 @@ def test_stitch_places_patch_i_at_row_i_div_g_col_i_mod_g(beta):
             r, col = i // g, i % g
             block = out[img, :, r * s:(r + 1) * s, col * s:(col + 1) * s]
             assert torch.all(block == img * beta + i), (img, i)
+
+
+@pytest.mark.parametrize("beta", [1, 4, 9])
+def test_unstitch_returns_each_tile_at_full_size(beta):
+    """Constant tiles (value i / 255 for tile i) come back in stitch's order, each filling a full-size image."""
+    g, s, n = int(beta ** 0.5), 3, 2
+    tiles = torch.arange(n * beta, dtype=torch.uint8)[:, None, None, None].expand(n * beta, 3, s, s).contiguous()
+    out = unstitch(stitch(tiles, beta), beta)
+    assert out.shape == (n * beta, 3, g * s, g * s) and out.dtype == torch.float32
+    for i in range(n * beta):
+        assert torch.allclose(out[i], torch.full_like(out[i], i / 255)), i
 
 
 def test_stitch_rejects_non_square_beta():

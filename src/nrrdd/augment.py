@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 
@@ -71,3 +72,16 @@ def stitch(patches: torch.Tensor, beta: int) -> torch.Tensor:
     n, c, s, _ = patches.shape
     grid = patches.view(n // beta, g, g, c, s, s).permute(0, 3, 1, 4, 2, 5)  # (N, C, g, s, g, s)
     return grid.reshape(n // beta, c, g * s, g * s)
+
+
+def unstitch(images: torch.Tensor, beta: int) -> torch.Tensor:
+    """The inverse a student applies to stitched images (multi-formation): each g x g mosaic (N, C, H, W)
+    becomes its beta = g*g tiles, row-major as `stitch` laid them, each resized back to H x W (bilinear), as
+    float in [0, 1]: (N * beta, C, H, W)."""
+    g = math.isqrt(beta)
+    n, c, h, w = images.shape
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    s_h, s_w = h // g, w // g
+    x = x[..., :g * s_h, :g * s_w]  # sides not divisible by g: selection stretched the grid, so drop the rest
+    tiles = x.reshape(n, c, g, s_h, g, s_w).permute(0, 2, 4, 1, 3, 5).reshape(n * beta, c, s_h, s_w)
+    return F.interpolate(tiles, size=(h, w), mode="bilinear", align_corners=False).clamp(0, 1)

@@ -8,13 +8,13 @@ from nrrdd import NrrddError, __version__
 from nrrdd.config import add_config_args, build_config, load_config_file
 
 
-DEFAULT_THREADS = 0
-
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1 ...")
-    p.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="CPU threads of this process (0: torch's "
-                   f"default, one per core) (default: {DEFAULT_THREADS}; see the README for measurements)")
+    p.add_argument("--threads", default="auto", help="CPU threads of this process: a number, 0 (torch's default, one "
+                   "per core) or auto: $OMP_NUM_THREADS if set, else the cores that other processes leave idle at the "
+                   "start (at least 1), since torch's threads spin while another process holds the cores. "
+                   "CPU results are bit-identical only at the same count: fix it for exact reruns (default: auto)")
     if config:
         p.add_argument("--config", help="JSON file of config fields, applied under the command-line flags")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -256,9 +256,9 @@ DATA_HELP = ("digits (embedded), cifar10 or cifar100 (found under $NRRDD_DATA, .
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if getattr(args, "threads", 0):
-            import torch
-            torch.set_num_threads(args.threads)
+        if hasattr(args, "threads"):
+            from nrrdd.runtime import set_threads
+            set_threads(args.threads)
         return args.fn(args)
     except NrrddError as e:
         print(f"nrrdd {args.cmd}: error: {e}", file=sys.stderr)

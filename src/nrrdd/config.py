@@ -14,8 +14,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 from nrrdd import NrrddError
 
 
+# The names of the label modes relabel.MODES implements (a test holds the two equal), here so that --help and
+# settings checks need no torch.
 LABEL_MODES = ("sl-online", "sl-stored", "dbr", "onehot", "compact")
-STORED_MODES = ("sl-stored", "dbr", "compact")
 
 
 def help_field(default, help: str, choices: tuple | None = None):
@@ -221,9 +222,13 @@ class StudentConfig:
     mix_alpha: float = help_field(1.0, "mix weight lambda ~ Beta(alpha, alpha)")
     crop_min: float = help_field(1.0, "random-resized-crop scale floor per image (1: off, as RDED at factor 1)")
     flip: bool = help_field(True, "random horizontal flip")
+    unstitch: bool = help_field(False, "multi-formation: train on the beta tiles distill stitched into each image "
+                                "(its recorded beta), each resized to full size; off: the mosaics as stored (RDED)")
     r: float = help_field(0.3, "DBR hinge threshold r (Eq. 10)")
     alpha_dbr: float = help_field(1.0, "DBR weight alpha_dbr of the distance-matching term (Eq. 9)")
     topk: int = help_field(2, "entries kept per sample by compact labels")
+    ema: float = help_field(0.0, "decay per step of an exponential moving average of the student's weights, which "
+                            "is then evaluated instead of the final weights (0: off)")
     plan_seed: int = help_field(0, "seed of the label plan (batches, crops, flips, mixes), shared by all modes")
     seeds: int = help_field(3, "number of student seeds (0, 1, ...)")
     first_seed: int = help_field(0, "first student seed")
@@ -238,13 +243,16 @@ class StudentConfig:
         for name in ("epochs", "seeds", "checkpoint_every", "topk"):
             if getattr(self, name) < 1:
                 raise NrrddError(f"setting {name} ({_flag(name)}) = {getattr(self, name)}: must be at least 1")
+        if not 0 <= self.ema < 1:
+            raise NrrddError(f"setting ema (--ema) = {self.ema}: a decay in [0, 1) (0: off)")
 
     def model_kwargs(self) -> dict:
         return _model_kwargs(self.student, self.width, self.norm)
 
 
 # What relabel reads of a student recipe: the label plan and what each mode stores, nothing of training.
-RELABEL_FIELDS = ("label_mode", "epochs", "batch_size", "mix", "mix_alpha", "crop_min", "flip", "plan_seed", "topk")
+RELABEL_FIELDS = ("label_mode", "epochs", "batch_size", "mix", "mix_alpha", "crop_min", "flip", "unstitch", "plan_seed",
+                  "topk")
 
 
 def images_per_class(num_images: int, num_classes: int, recorded: int | None = None) -> int:

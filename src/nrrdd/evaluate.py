@@ -12,25 +12,26 @@ from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
-from nrrdd.config import STORED_MODES, StudentConfig, images_per_class, to_dict
+from nrrdd.config import StudentConfig, images_per_class, to_dict
 from nrrdd.data import load_dataset, load_distilled
 from nrrdd.files import read_json, sha256_bytes, sha256_file, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, finish_out, open_out
-from nrrdd.relabel import (PlanSpec, images_digest, label_accounting, label_slice, load_labels, make_plan, mixed_batch,
-                           plan_spec, store_labels, student_loss)
+from nrrdd.relabel import (PlanSpec, images_digest, label_accounting, label_mode, label_slice, load_labels, make_plan,
+                           mixed_batch, store_labels, student_loss, student_set)
 from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance, rank, world
-from nrrdd.training import TrainState, accuracy, check_finite, cosine, param_groups
+from nrrdd.training import TrainState, accuracy, check_finite, cosine, ema_copy, ema_update, param_groups
 
 
 # ---------------------------------------------------------------- one student
 
 def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfig, seed: int, device,
                   mean, std, teacher=None, payload=None, state_path=None, progress=True, ddp=False):
-    """Train one student from scratch on the plan; returns the model after the final epoch.
-    With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
+    """Train one student from scratch on the plan; returns the model after the final epoch (with `cfg.ema`,
+    the moving average of its weights instead). With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
     plan = {k: v.to(device) for k, v in make_plan(spec).items()}
     payload = {k: v.to(device) for k, v in (payload or {}).items()}
+    mode = label_mode(cfg.label_mode)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = create_model(cfg.student, num_classes, images.shape[-1], images.shape[1], **cfg.model_kwargs()).to(device)
@@ -44,9 +45,13 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
                                                         else None)
         rows = slice(rank(), None, world())  # DDP averages the ranks' gradients: the whole batch's mean loss
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    ema = ema_copy(model) if cfg.ema else None
     state, start = (TrainState(state_path) if state_path else None), 0
     if state is not None and state.exists():
-        start = state.load(model, opt, gen)["epoch"]
+        counters = state.load(model, opt, gen)
+        start = counters["epoch"]
+        if ema is not None:
+            ema.load_state_dict(counters["ema"])
     saves = state is not None and (is_main() or not ddp)
     nb = math.ceil(spec.num_images / spec.batch_size)
     net.train()
@@ -56,20 +61,21 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
             group["lr"] = cfg.lr * cosine(epoch, spec.epochs, cfg.cosine_span)
         for b in range(nb):
             x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, mean, std))
-            if cfg.label_mode == "sl-online":
+            if mode.teacher_online:
                 with torch.no_grad():
                     label = {"logits": teacher(x)}
             else:
                 label = {k: v[rows] for k, v in label_slice(payload, spec, epoch, b, device).items()}
-            loss = student_loss(cfg.label_mode, net(x), y_org, y_aug, lam, label, cfg.temperature, cfg.r,
-                                cfg.alpha_dbr, num_classes)
+            loss = student_loss(cfg.label_mode, net(x), y_org, y_aug, lam, label, cfg, num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if ema is not None:
+                ema_update(ema, model, cfg.ema)
         if saves and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == spec.epochs):
             check_finite(loss, f"student seed {seed} epoch {epoch + 1}")
-            state.save(model, opt, gen, epoch=epoch + 1)
-    return model
+            state.save(model, opt, gen, epoch=epoch + 1, **({"ema": ema.state_dict()} if ema is not None else {}))
+    return model if ema is None else ema
 
 
 # ---------------------------------------------------------------- evaluate: several seeds, one results file
@@ -107,12 +113,13 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
         raise NrrddError(f"{distilled}: distilled classes {classes} do not match the test set's {ds.classes}")
     teacher, meta = (load_model(teacher_path, classes=ds.classes, device=dev) if teacher_path else (None, {}))
     mean, std = (meta["mean"], meta["std"]) if meta else (ds.mean, ds.std)
-    spec = plan_spec(cfg, len(split), len(classes), split.images.shape[-1], record.get("ipc"))
-    images, labels = split.images.to(dev), split.labels.to(dev)
-    if teacher is None and (cfg.label_mode == "sl-online" or (cfg.label_mode in STORED_MODES and not labels_dir)):
+    images, labels, spec = student_set(split, len(classes), record, cfg)
+    images, labels = images.to(dev), labels.to(dev)
+    mode = label_mode(cfg.label_mode)
+    if teacher is None and (mode.teacher_online or (mode.store and not labels_dir)):
         raise NrrddError(f"label mode {cfg.label_mode} needs a teacher: pass --teacher"
-                         + ("" if cfg.label_mode == "sl-online" else " (or --labels from nrrdd relabel)"))
-    if labels_dir is not None and cfg.label_mode in STORED_MODES:
+                         + (" (or --labels from nrrdd relabel)" if mode.store else ""))
+    if labels_dir is not None and mode.store:
         load_labels(labels_dir, cfg.label_mode, spec, images)  # refused labels never open --out
     barrier()  # every rank has checked --out before rank 0 opens it
     if is_main():
@@ -120,7 +127,7 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     barrier()
 
     payload, labels_info = None, {}
-    if cfg.label_mode in STORED_MODES:
+    if mode.store:
         label_file = Path(labels_dir or out) / f"labels_{cfg.label_mode}.safetensors"
         if labels_dir is None and not label_file.exists():  # relabel here once; a resumed run reuses the file
             store_labels(out, teacher, images, labels, spec, cfg, mean, std, progress)

@@ -61,14 +61,12 @@ def refine_batch(teacher: Net, x0: torch.Tensor, y: torch.Tensor, mask: torch.Te
         return torch.where(mask > 0, x, x0)
 
 
-
 def refinement_mask(cam: torch.Tensor, cfg: SynthConfig) -> torch.Tensor:
     """(N, 1, H, W) update weights from the initial images' CAM: Eq. 4 for NRR, all ones for SRe2L, zeros when
     nothing is refined."""
     if cfg.refine == "masked":
         return noncritical_mask(cam, cfg.epsilon)[:, None]
     return (torch.ones_like if cfg.refine == "all" else torch.zeros_like)(cam)[:, None]
-
 
 
 def batch_order(labels: torch.Tensor, batch: int) -> list[torch.Tensor]:
@@ -79,7 +77,6 @@ def batch_order(labels: torch.Tensor, batch: int) -> list[torch.Tensor]:
         ipc_rank[m] = torch.arange(int(m.sum()))
     order = torch.argsort(ipc_rank * (labels.max() + 1) + labels, stable=True)
     return list(order.split(batch))
-
 
 
 def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthConfig, mean, std,
@@ -112,7 +109,6 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
         for b, idx in enumerate(batches):
             out[idx.to(device)] = load_tensors(files[b])["x"].to(device)
     return out, cam
-
 
 
 def to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,9 +18,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nrrdd import NrrddError
-from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_square_boxes
-from nrrdd.config import (LABEL_MODES, RELABEL_FIELDS, STORED_MODES, StudentConfig, auto_batch_size, images_per_class,
-                          to_dict)
+from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_square_boxes, unstitch
+from nrrdd.config import RELABEL_FIELDS, StudentConfig, auto_batch_size, images_per_class, to_dict
 from nrrdd.data import normalize
 from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
@@ -89,57 +89,107 @@ def mixed_batch(images: torch.Tensor, labels: torch.Tensor, plan: dict, spec: Pl
     return mixed, y, y[perm], lam.to(dev)
 
 
-# ---------------------------------------------------------------- the label each mode stores
+# ---------------------------------------------------------------- label modes: a registry
 
-def teacher_payload(mode: str, logits: torch.Tensor, y_org, y_aug, topk: int) -> dict:
+@dataclass(frozen=True)
+class LabelMode:
+    """How one label mode labels a mixed sample and how a student learns from that label. `store` (teacher
+    logits, y_org, y_aug, recipe -> tensors per sample) is what relabel keeps; None: nothing is stored."""
+    loss: Callable  # (student logits, y_org, y_aug, lam, label, recipe, num_classes) -> scalar
+    store: Callable | None = None
+    teacher_online: bool = False  # the teacher labels every batch during student training
+
+
+MODES: dict[str, LabelMode] = {}
+
+
+def register_mode(name: str, store: Callable | None = None, teacher_online: bool = False):
+    def add(loss: Callable) -> Callable:
+        MODES[name] = LabelMode(loss, store, teacher_online)
+        return loss
+    return add
+
+
+def label_mode(name: str) -> LabelMode:
+    if name not in MODES:
+        raise NrrddError(f"unknown label mode '{name}'; modes: {', '.join(MODES)}")
+    return MODES[name]
+
+
+def stored_modes() -> list[str]:
+    return [k for k, m in MODES.items() if m.store is not None]
+
+
+def _soft_label_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):
+    return soft_kl(logits, F.softmax(label["logits"].float() / cfg.temperature, 1), cfg.temperature)
+
+
+register_mode("sl-online", teacher_online=True)(_soft_label_loss)
+# C fp16 teacher logits per mixed sample
+register_mode("sl-stored", store=lambda logits, y_org, y_aug, cfg: {"logits": logits.half()})(_soft_label_loss)
+
+
+def _distances(logits, y_org, y_aug, cfg):  # Eq. 8: two fp16 floats per mixed sample
+    return {"d_org": F.cross_entropy(logits, y_org, reduction="none").half(),
+            "d_aug": F.cross_entropy(logits, y_aug, reduction="none").half()}
+
+
+@register_mode("dbr", store=_distances)
+def _dbr_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):  # Eq. 9-10
+    d_org = F.cross_entropy(logits, y_org, reduction="none")
+    d_aug = F.cross_entropy(logits, y_aug, reduction="none")
+    return hinge_distance_loss(d_org, d_aug, cfg.r) + cfg.alpha_dbr * dbr_match_loss(
+        d_org, d_aug, label["d_org"].float(), label["d_aug"].float())
+
+
+@register_mode("onehot")
+def _onehot_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):  # the mix of the two hard labels
+    lam = lam[:, None]
+    target = lam * F.one_hot(y_org, num_classes) + (1 - lam) * F.one_hot(y_aug, num_classes)
+    return soft_cross_entropy(logits, target)
+
+
+def _top_k(logits, y_org, y_aug, cfg):
+    # Top-k of the teacher's own (T = 1) belief: at T = 20 the top two entries are nearly equal and the
+    # renormalised pair loses which class the teacher actually saw.
+    v, i = F.softmax(logits, 1).topk(cfg.topk, dim=1)
+    return {"topk_values": v.half(), "topk_index": i.short()}
+
+
+@register_mode("compact", store=_top_k)
+def _compact_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):
+    target = torch.zeros_like(logits).scatter_(1, label["topk_index"].long(), label["topk_values"].float())
+    return soft_cross_entropy(logits, target / target.sum(1, keepdim=True))
+
+
+def teacher_payload(mode: str, logits: torch.Tensor, y_org, y_aug, cfg: StudentConfig) -> dict:
     """What a stored mode keeps per mixed sample: C soft-label floats, 2 distances (Eq. 8), or top-k entries."""
-    if mode == "sl-stored":
-        return {"logits": logits.half()}
-    if mode == "dbr":
-        return {"d_org": F.cross_entropy(logits, y_org, reduction="none").half(),
-                "d_aug": F.cross_entropy(logits, y_aug, reduction="none").half()}
-    if mode == "compact":
-        # Top-k of the teacher's own (T = 1) belief: at T = 20 the top two entries are nearly equal and the
-        # renormalised pair loses which class the teacher actually saw.
-        v, i = F.softmax(logits, 1).topk(topk, dim=1)
-        return {"topk_values": v.half(), "topk_index": i.short()}
-    raise ValueError(mode)
+    store = label_mode(mode).store
+    if store is None:
+        raise NrrddError(f"label mode '{mode}' stores nothing; stored modes: {', '.join(stored_modes())}")
+    return store(logits, y_org, y_aug, cfg)
 
 
-def student_loss(mode: str, logits: torch.Tensor, y_org, y_aug, lam, label: dict, temperature: float,
-                 r: float, alpha_dbr: float, num_classes: int) -> torch.Tensor:
+def student_loss(mode: str, logits: torch.Tensor, y_org, y_aug, lam, label: dict, cfg: StudentConfig,
+                 num_classes: int) -> torch.Tensor:
     """Student loss for a batch given the mode's label (teacher logits for sl-*, distances for dbr...)."""
-    if mode in ("sl-online", "sl-stored"):
-        return soft_kl(logits, F.softmax(label["logits"].float() / temperature, 1), temperature)
-    if mode == "dbr":  # Eq. 9-10
-        d_org = F.cross_entropy(logits, y_org, reduction="none")
-        d_aug = F.cross_entropy(logits, y_aug, reduction="none")
-        return hinge_distance_loss(d_org, d_aug, r) + alpha_dbr * dbr_match_loss(
-            d_org, d_aug, label["d_org"].float(), label["d_aug"].float())
-    if mode == "onehot":
-        lam = lam[:, None]
-        target = lam * F.one_hot(y_org, num_classes) + (1 - lam) * F.one_hot(y_aug, num_classes)
-        return soft_cross_entropy(logits, target)
-    if mode == "compact":
-        target = torch.zeros_like(logits).scatter_(1, label["topk_index"].long(), label["topk_values"].float())
-        return soft_cross_entropy(logits, target / target.sum(1, keepdim=True))
-    raise NrrddError(f"unknown label mode '{mode}'; modes: {', '.join(LABEL_MODES)}")
+    return label_mode(mode).loss(logits, y_org, y_aug, lam, label, cfg, num_classes)
 
 
 # ---------------------------------------------------------------- relabel: store the teacher's labels
 
 @torch.no_grad()
-def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spec: PlanSpec, mode: str,
-            topk: int, mean, std, progress: bool = True) -> dict[str, torch.Tensor]:
+def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spec: PlanSpec, cfg: StudentConfig,
+            mean, std, progress: bool = True) -> dict[str, torch.Tensor]:
     """Teacher labels for every mixed sample of the plan, as (E, N, ...) tensors of the mode's payload."""
     teacher.eval()
     nb = plan["lam"].shape[1]
     mine_epochs = {}
-    for e in tqdm(mine(range(spec.epochs)), desc=f"relabel {mode}", disable=not progress, leave=False):
+    for e in tqdm(mine(range(spec.epochs)), desc=f"relabel {cfg.label_mode}", disable=not progress, leave=False):
         chunks: dict[str, list] = {}
         for b in range(nb):
             x, y_org, y_aug, _ = mixed_batch(images, labels, plan, spec, e, b, mean, std)
-            for k, v in teacher_payload(mode, teacher(x).float(), y_org, y_aug, topk).items():
+            for k, v in teacher_payload(cfg.label_mode, teacher(x).float(), y_org, y_aug, cfg).items():
                 chunks.setdefault(k, []).append(v.cpu())
         mine_epochs[e] = {k: torch.cat(v) for k, v in chunks.items()}
     epochs = {e: p for part in gather_to_all(mine_epochs) for e, p in part.items()}  # ranks split the epochs
@@ -164,12 +214,23 @@ def plan_spec(cfg: StudentConfig, n: int, num_classes: int, image_size: int, rec
     return PlanSpec(n, cfg.epochs, bs, image_size, cfg.mix, cfg.mix_alpha, cfg.crop_min, cfg.flip, cfg.plan_seed)
 
 
+def student_set(split, num_classes: int, record: dict, cfg: StudentConfig):
+    """(images, labels, plan spec) a student trains on: the distilled images, or with `unstitch` the tiles of
+    each stitched image. Relabel and evaluate both start here, so stored labels fit the student's samples."""
+    beta = record.get("config", {}).get("beta", 1) if cfg.unstitch else 1
+    images, labels = split.images, split.labels
+    if beta > 1:
+        images, labels = unstitch(images, beta), labels.repeat_interleave(beta)
+    ipc = record.get("ipc") and record["ipc"] * beta
+    return images, labels, plan_spec(cfg, len(labels), num_classes, images.shape[-1], ipc)
+
+
 def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig, mean, std,
                  progress=True) -> dict:
     """Relabel the plan once and write plan.safetensors (bookkeeping) + labels_<mode>.safetensors (payload)."""
     out_dir = Path(out_dir)
     plan = make_plan(spec)
-    payload = relabel(teacher, images, labels, plan, spec, cfg.label_mode, cfg.topk, mean, std, progress)
+    payload = relabel(teacher, images, labels, plan, spec, cfg, mean, std, progress)
     meta = {"plan": json.dumps(asdict(spec)), "images_sha256": images_digest(images.cpu()),
             "mode": cfg.label_mode, "topk": str(cfg.topk)}
     label_file = out_dir / f"labels_{cfg.label_mode}.safetensors"
@@ -208,8 +269,8 @@ def relabel_set(distilled, teacher_path, cfg: StudentConfig, out_dir, device: st
     from nrrdd.checkpoint import load_model
     from nrrdd.data import load_distilled
     from nrrdd.outdir import check_out, finish_out, open_out
-    if cfg.label_mode not in STORED_MODES:
-        raise NrrddError(f"--label-mode {cfg.label_mode}: relabel stores {', '.join(STORED_MODES)}")
+    if label_mode(cfg.label_mode).store is None:
+        raise NrrddError(f"--label-mode {cfg.label_mode}: relabel stores {', '.join(stored_modes())}")
     split, classes, record = load_distilled(distilled, verify)
     teacher_path = teacher_path or record.get("teacher", {}).get("path")
     if not teacher_path:
@@ -227,9 +288,9 @@ def relabel_set(distilled, teacher_path, cfg: StudentConfig, out_dir, device: st
     if is_main():
         open_out(out, "relabel", settings, state)
     barrier()
-    spec = plan_spec(cfg, len(split), len(classes), split.images.shape[-1], record.get("ipc"))
-    info = store_labels(out, teacher, split.images.to(dev), split.labels.to(dev), spec, cfg, meta["mean"],
-                        meta["std"], progress=progress and is_main())
+    images, labels, spec = student_set(split, len(classes), record, cfg)
+    info = store_labels(out, teacher, images.to(dev), labels.to(dev), spec, cfg, meta["mean"], meta["std"],
+                        progress=progress and is_main())
     if not is_main():
         return {}
     info = {"kind": "labels", "distilled": str(distilled), "teacher": str(teacher_path), "config": to_dict(cfg),

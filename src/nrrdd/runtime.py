@@ -7,6 +7,7 @@ import platform
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,9 @@ import torch
 import torch.distributed as dist
 
 from nrrdd import NrrddError, __version__
+
+
+SCHEMA_VERSION = 1  # of every results record (docs/results.md); provenance() stamps it
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -36,6 +40,39 @@ def pick_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle) jiffies of every core so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]  # idle + iowait
+
+
+def idle_cores(interval: float = 0.2) -> int:
+    """Cores other processes leave idle now (at least 1), sampled over `interval` seconds: what this process
+    can use without torch's spinning threads fighting for cores already taken. A load average would count
+    the previous command of a script as a competitor."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        total0, idle0 = _cpu_times()
+        time.sleep(interval)
+        total1, idle1 = _cpu_times()
+        busy = (1 - (idle1 - idle0) / max(1, total1 - total0)) * (os.cpu_count() or cores)
+    except (OSError, ValueError, IndexError):  # no /proc: the last minute's load average
+        busy = os.getloadavg()[0]
+    return max(1, min(cores, round(cores - busy)))
+
+
+def set_threads(spec: str) -> int:
+    """Apply --threads: a count, 0 (torch's default) or auto: $OMP_NUM_THREADS where the user set it, else
+    `idle_cores`. Returns the count in force (provenance records it: CPU float sums depend on it)."""
+    if spec != "auto" and not spec.isdigit():
+        raise NrrddError(f"--threads {spec}: give a number of threads, 0 (torch's default) or auto")
+    if spec == "auto" and not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(idle_cores())
+    elif spec.isdigit() and int(spec) > 0:
+        torch.set_num_threads(int(spec))
+    return torch.get_num_threads()
+
 
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
@@ -44,11 +81,9 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-
 def class_generator(seed: int, c: int, stream: int = 0) -> torch.Generator:
     """Independent stream per (seed, class): classes can run in any order or on any rank with the same result."""
     return torch.Generator().manual_seed(seed * 1_000_003 + c * 7919 + stream)
-
 
 
 def init_from_env(device: torch.device) -> None:
@@ -57,20 +92,16 @@ def init_from_env(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
-
 
 
 def world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-
 def is_main() -> bool:
     return rank() == 0
-
 
 
 def barrier() -> None:
@@ -78,11 +109,9 @@ def barrier() -> None:
         dist.barrier()
 
 
-
 def mine(items) -> list:
     """This rank's share of `items`: every world()-th item from position rank()."""
     return list(items)[rank()::world()]
-
 
 
 def gather_to_all(obj):
@@ -94,7 +123,6 @@ def gather_to_all(obj):
     return out
 
 
-
 def source_digest() -> str:
     """sha256 over the package's own source files: names the code of a run even in a copy without .git."""
     h = hashlib.sha256()
@@ -103,9 +131,9 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
-
 def provenance() -> dict:
-    """What a reader needs to rerun an output: code version, command, machine."""
+    """What a reader needs to rerun an output: record format, code version (git commit, or without .git the
+    source digest), command, machine."""
     try:
         r = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
                            cwd=Path(__file__).parent, timeout=5)
@@ -116,7 +144,7 @@ def provenance() -> dict:
         commit, dirty = None, None
     import torchvision
     return {
-        "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty, "source_sha256": source_digest(),
+        "schema_version": SCHEMA_VERSION, "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty, "source_sha256": source_digest(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "numpy": np.__version__, "machine": platform.node(), "processor": platform.machine(),

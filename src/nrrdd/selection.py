@@ -32,13 +32,11 @@ def check_enough_images(counts: list[int], classes: list[str], cfg: SynthConfig)
                                                                           " or raise --pool-per-class / --top-t"))
 
 
-
 @torch.no_grad()
 def teacher_ce(teacher: Net, x: torch.Tensor, c: int, batch_size: int = 500) -> torch.Tensor:
     out = [F.cross_entropy(teacher(x[i:i + batch_size]), torch.full((len(x[i:i + batch_size]),), c, device=x.device),
                            reduction="none") for i in range(0, len(x), batch_size)]
     return torch.cat(out)
-
 
 
 def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig, mean, std, device) -> tuple[torch.Tensor, dict]:
@@ -68,7 +66,6 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),
         "confidence": [round(v, 5) for v in conf[order].tolist()]}
-
 
 
 def initial_images(teacher: Net, train: Split, num_classes: int, cfg: SynthConfig, mean, std, device,

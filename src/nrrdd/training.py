@@ -2,6 +2,7 @@
 non-finite losses, resumable state."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -21,11 +22,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-
 def cosine(step: float, total: float, span: float = 1.0) -> float:
     """The one cosine schedule: 1 at step 0, down to 0 at `span * total` (span 2 stops halfway, at 0.5)."""
     return 0.5 * (1 + math.cos(math.pi * step / (span * total)))
-
 
 
 def one_cycle(step: int, total: int, warmup: float) -> float:
@@ -34,7 +33,6 @@ def one_cycle(step: int, total: int, warmup: float) -> float:
     if step < w:
         return (step + 1) / w
     return cosine(step - w, max(1, total - w))
-
 
 
 @torch.no_grad()
@@ -48,12 +46,26 @@ def predict(model: nn.Module, images: torch.Tensor, mean, std, device, batch_siz
     return torch.cat(out)
 
 
-
 def accuracy(model, split: Split, mean, std, device) -> float:
     if len(split) == 0:
         return float("nan")
     return (predict(model, split.images, mean, std, device).argmax(1) == split.labels).float().mean().item() * 100
 
+
+def ema_copy(model: nn.Module) -> nn.Module:
+    """A frozen copy of `model` that `ema_update` moves towards it after every step."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """Weights: ema <- decay * ema + (1 - decay) * model; buffers (BatchNorm statistics, counters) copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
@@ -61,7 +73,6 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
     if not torch.isfinite(loss).all():
         raise NrrddError(f"non-finite loss ({loss.detach().flatten()[0].item()}) at {where}; the last good "
                          "checkpoint is kept: lower the learning rate and rerun with --resume")
-
 
 
 class TrainState:

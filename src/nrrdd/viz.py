@@ -1,4 +1,5 @@
 """Pictures a user would rather look at than read: grids of distilled images, CAM / mask / refinement panels."""
+# isort: skip_file (the backend must be chosen between the two matplotlib imports)
 from __future__ import annotations
 
 from pathlib import Path
