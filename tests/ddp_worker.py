@@ -8,8 +8,9 @@ from safetensors.torch import save_file
 from nrrdd.checkpoint import load_model
 from nrrdd.config import StudentConfig
 from nrrdd.data import load_dataset
-from nrrdd.evaluate import plan_spec, train_student
+from nrrdd.evaluate import train_student
 from nrrdd.models import create_model
+from nrrdd.relabel import plan_spec
 from nrrdd.runtime import init_from_env, rank
 
 
@@ -22,7 +23,7 @@ teacher, meta = load_model(teacher_path, classes=ds.classes, device=dev)
 rows = []  # the online teacher labels exactly the rows this rank trains on
 teacher.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
 cfg = StudentConfig(norm="none", width=16, epochs=2, batch_size=20)
-spec = plan_spec(cfg, len(images), 4, ds.num_classes, images.shape[-1])
+spec = plan_spec(cfg, len(images), ds.num_classes, images.shape[-1])
 model = train_student(images, labels, ds.num_classes, spec, cfg, 0, dev, meta["mean"], meta["std"], teacher,
                       progress=False, ddp=ddp)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}_rank{rank()}.safetensors",
