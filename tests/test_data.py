@@ -387,3 +387,23 @@ def test_channel_stats_by_hand():
     assert mean == pytest.approx((0.75, 0.3), abs=1e-4)
     assert std == pytest.approx((0.1875 ** 0.5, 0.1), abs=1e-4)
     assert len(mean) == 2 and len(std) == 2
+
+
+def test_a_registered_data_set_loads_by_name(monkeypatch, capsys):
+    """Adding a named data set is one registered loader; load_dataset, the CLI and `nrrdd datasets` see it."""
+    from nrrdd.cli import main
+    from nrrdd.data import DATASETS, Split, load_dataset, register_dataset
+    monkeypatch.setattr("nrrdd.data.DATASETS", dict(DATASETS))
+    import nrrdd.data
+
+    @register_dataset("tiny")
+    def tiny(image_size=None, progress=False):
+        x = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).view(4, 3, 2, 2)
+        return Split(x, torch.tensor([0, 0, 1, 1])), Split(x[:2], torch.tensor([0, 1])), ["a", "b"], {"source": "t"}
+    tiny.where = lambda: "in this test"
+    assert "tiny" in nrrdd.data.DATASETS
+    ds = load_dataset("tiny", val_fraction=0.5)
+    assert ds.classes == ["a", "b"] and (len(ds.train), len(ds.val), len(ds.test)) == (2, 2, 2)
+    assert main(["datasets"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny: in this test" in out and "digits: embedded" in out

@@ -137,6 +137,13 @@ def cmd_models(a) -> int:
     return 0
 
 
+def cmd_datasets(a) -> int:
+    from nrrdd.data import DATASETS
+    for name, loader in DATASETS.items():
+        print(f"{name}: {loader.where()}")
+    return 0
+
+
 def cmd_verify(a) -> int:
     from nrrdd.files import verify_dir
     bad = 0
@@ -229,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "--student accept (the model registry).")
     s.set_defaults(fn=cmd_models)
 
+    s = sub.add_parser("datasets", help="list the named data sets and where each was found",
+                       description="List the names --data accepts besides folders and .npz files, and where each "
+                       "was found ($NRRDD_DATA, ./shared/datasets, ../shared/datasets).")
+    s.set_defaults(fn=cmd_datasets)
+
     s = sub.add_parser("verify", help="check every file of an output folder against its manifest",
                        description="Recompute sha256 of every file and compare with manifest.json; exit 1 on any "
                        "missing, extra or changed file.")
@@ -248,9 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-DATA_HELP = ("digits (embedded), cifar10 or cifar100 (found under $NRRDD_DATA, ./shared/datasets or "
-             "../shared/datasets), a .npz from export-arrays, or a folder (or .zip) with train/ and test/ class "
-             "sub-folders")
+DATA_HELP = ("a named data set (`nrrdd datasets` lists them: digits is embedded, cifar10 and cifar100 are found under "
+             "$NRRDD_DATA, ./shared/datasets or ../shared/datasets), a .npz from export-arrays, or a folder (or "
+             ".zip) with train/ and test/ class sub-folders")
 
 
 def main(argv: list[str] | None = None) -> int:

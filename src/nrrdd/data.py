@@ -11,6 +11,7 @@ import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -237,67 +238,107 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
     return tuple(round(v, 4) for v in mean.tolist()), tuple(round(v, 4) for v in std.tolist())
 
 
-# ---------------------------------------------------------------- named data sets
+# ---------------------------------------------------------------- named data sets: a registry
 
-def _shared_roots() -> list[Path]:
-    env = os.environ.get("NRRDD_DATA")
-    roots = [Path(env)] if env else []
-    return roots + [Path.cwd() / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
+# name -> loader(image_size, progress) -> (training split before validation is carved, test split, classes, info)
+DATASETS: dict[str, Callable] = {}
 
 
-def resolve_named(name: str) -> str:
-    """Where a named data set (cifar10, cifar100) lives: $NRRDD_DATA, ./shared/datasets or ../shared/datasets."""
-    rel = {"cifar10": "cifar10", "cifar100": "cifar100/cifar100.zip/cifar100"}[name]
-    for root in _shared_roots():
-        first = root / rel.split(".zip")[0] if ".zip" in rel else root / rel
-        if (first.with_suffix(".zip") if ".zip" in rel else first).exists():
-            return str(root / rel)
-    raise NrrddError(f"data set '{name}' not found under {', '.join(map(str, _shared_roots()))}; "
-                     "set NRRDD_DATA to the folder that holds it")
+def register_dataset(name: str):
+    def add(loader: Callable) -> Callable:
+        DATASETS[name] = loader
+        return loader
+    return add
 
 
-def digits_splits(size: int = 32) -> tuple[Split, Split, list[str]]:
+def dataset_names() -> list[str]:
+    return list(DATASETS)
+
+
+@register_dataset("digits")
+def digits(image_size: int | None = None, progress: bool = False):
     """scikit-learn's 8x8 digits (1,797 images, shipped inside the package): a demo set with no download.
 
-    Upsampled bilinearly to `size` and replicated to 3 channels so every model sees the same input shape;
-    a fixed 20% per class is the test split.
+    Upsampled bilinearly to `image_size` (32) and replicated to 3 channels so every model sees the same
+    input shape; a fixed 20% per class is the test split.
     """
     from sklearn.datasets import load_digits
+    size = image_size or 32
     d = load_digits()
     x = torch.from_numpy(d.images).float()[:, None] / 16.0
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     x = (x.clamp(0, 1) * 255).round().to(torch.uint8).repeat(1, 3, 1, 1)
     y = torch.from_numpy(d.target).long()
     train_idx, test_idx = carve_split(y, 0.2, seed=12345)
-    return Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx]), [str(i) for i in range(10)]
+    return (Split(x[train_idx], y[train_idx]), Split(x[test_idx], y[test_idx]), [str(i) for i in range(10)],
+            {"source": "sklearn.datasets.load_digits"})
+
+
+digits.where = lambda: "embedded (scikit-learn's load_digits)"
+
+
+def shared_roots() -> list[Path]:
+    """Where named image-folder sets are looked for: $NRRDD_DATA, ./shared/datasets, ../shared/datasets."""
+    env = os.environ.get("NRRDD_DATA")
+    roots = [Path(env)] if env else []
+    return roots + [Path.cwd() / "shared" / "datasets", Path.cwd().parent / "shared" / "datasets"]
+
+
+def find_shared(name: str, rel: str) -> str | None:
+    """The first of `shared_roots` that holds `rel` (a folder, or a folder inside a .zip), else None."""
+    for root in shared_roots():
+        head = (root / rel.split(".zip")[0]).with_suffix(".zip") if ".zip" in rel else root / rel
+        if head.exists():
+            return str(root / rel)
+    return None
+
+
+def register_shared_folder(name: str, rel: str) -> None:
+    """A named set kept as train/ and test/ image folders (plain or zipped) under one of `shared_roots`."""
+    def load(image_size: int | None = None, progress: bool = True):
+        root = find_shared(name, rel)
+        if root is None:
+            raise NrrddError(f"data set '{name}' not found under {', '.join(map(str, shared_roots()))}; set "
+                             f"NRRDD_DATA to the folder that holds {rel.split('/')[0]}/ (README: Data)")
+        return folder_splits(root, image_size, progress)
+    load.where = lambda: find_shared(name, rel) or f"not found under {', '.join(map(str, shared_roots()))}"
+    register_dataset(name)(load)
+
+
+register_shared_folder("cifar10", "cifar10")
+register_shared_folder("cifar100", "cifar100/cifar100.zip/cifar100")
+
+
+def folder_splits(root: str, image_size: int | None, progress: bool):
+    """train/ and test/ ImageFolder trees under `root` (a folder, a .zip, or a folder inside one)."""
+    if ".zip" not in root and not os.path.isdir(root):
+        raise NrrddError(f"--data {root}: {'not a folder' if os.path.exists(root) else 'not found'}; give a "
+                         f"named data set ({', '.join(DATASETS)}), a .npz from export-arrays, or a folder (or .zip) "
+                         "holding train/ and test/, each with one sub-folder per class")
+    tree = _Tree(root)
+    subs, _ = tree.listdir()
+    if not {"train", "test"} <= set(subs):
+        raise NrrddError(f"{tree.where()}: expected 'train' and 'test' sub-folders, found {subs or 'none'}")
+    full, classes, info = load_image_folder(os.path.join(root, "train"), image_size, progress=progress)
+    test, test_classes, test_info = load_image_folder(os.path.join(root, "test"), full.images.shape[-1],
+                                                      progress=progress)
+    if test_classes != classes:
+        only = sorted(set(classes) ^ set(test_classes))
+        raise NrrddError(f"{tree.where()}: train and test class folders differ (only in one: {only}); "
+                         "both splits need the same classes")
+    return full, test, classes, {"train": info, "test": test_info}
 
 
 def load_dataset(spec: str, image_size: int | None = None, val_fraction: float = 0.1, split_seed: int = 0,
                  progress: bool = True) -> Dataset:
-    """Load `spec`: 'digits', 'cifar10', 'cifar100', or a path holding train/ and test/ ImageFolder trees."""
-    if spec == "digits":
-        full, test, classes = digits_splits(image_size or 32)
-        info = {"source": "sklearn.datasets.load_digits"}
+    """Load `spec`: a registered name (digits, cifar10, cifar100...), a .npz from export-arrays, or a path
+    holding train/ and test/ ImageFolder trees."""
+    if spec in DATASETS:
+        full, test, classes, info = DATASETS[spec](image_size, progress)
     elif spec.endswith(".npz"):
         full, test, classes, info = load_arrays(spec)
     else:
-        root = resolve_named(spec) if spec in ("cifar10", "cifar100") else spec
-        if ".zip" not in root and not os.path.isdir(root):
-            raise NrrddError(f"--data {spec}: {'not a folder' if os.path.exists(root) else 'not found'}; give "
-                             "digits, cifar10, cifar100, a .npz from export-arrays, or a folder (or .zip) holding "
-                             "train/ and test/, each with one sub-folder per class")
-        tree = _Tree(root)
-        subs, _ = tree.listdir()
-        if not {"train", "test"} <= set(subs):
-            raise NrrddError(f"{tree.where()}: expected 'train' and 'test' sub-folders, found {subs or 'none'}")
-        full, classes, info = load_image_folder(os.path.join(root, "train"), image_size, progress=progress)
-        test, test_classes, test_info = load_image_folder(os.path.join(root, "test"), full.images.shape[-1],
-                                                          progress=progress)
-        if test_classes != classes:
-            only = sorted(set(classes) ^ set(test_classes))
-            raise NrrddError(f"{tree.where()}: train and test class folders differ (only in one: {only}); "
-                             "both splits need the same classes")
-        info = {"train": info, "test": test_info}
+        full, test, classes, info = folder_splits(spec, image_size, progress)
     keep, val = carve_split(full.labels, val_fraction, split_seed)
     train = full.subset(keep)
     mean, std = channel_stats(train.images)
