@@ -14,7 +14,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 from nrrdd.checkpoint import load_model
-from nrrdd.data import load_dataset, normalize
+from nrrdd.data import load_dataset
 from nrrdd.files import write_json
 from nrrdd.runtime import provenance
 
@@ -26,7 +26,7 @@ rows = []
 for path in sys.argv[1:]:
     model, meta = load_model(path, classes=ds.classes, device=torch.device("cpu"))
     with torch.no_grad():
-        z = model(normalize(x, meta["mean"], meta["std"]))
+        z = model(model.normalize(x))
     rows.append({"teacher": path, "recipe": meta.get("recipe"), "test_acc": meta.get("test_acc"),
                  "logit_std": round(z.std(1).mean().item(), 3),
                  "top_prob": {T: round(torch.softmax(z / T, 1).max(1).values.mean().item(), 4) for T in (1, 4, 20)}})

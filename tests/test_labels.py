@@ -263,15 +263,14 @@ def test_student_loss_soft_dbr_compact_hand_values():
 @pytest.fixture(scope="module")
 def small_teacher():
     torch.manual_seed(0)
-    t = create_model("convnet3", 10, 16, 3, width=8).eval()
-    return t
+    return create_model("convnet3", 10, 16, 3, width=8).set_stats(MEAN, STD).eval()
 
 
 def _store(tmp_path, teacher, mode, topk=2, epochs=2):
     images, labels = _images(n=20, size=16, classes=10)
     spec = PlanSpec(20, epochs, 8, 16, "cutmix", 1.0, 1.0, True, 0)
     cfg = StudentConfig(label_mode=mode, topk=topk)
-    info = store_labels(tmp_path, teacher, images, labels, spec, cfg, MEAN, STD, progress=False)
+    info = store_labels(tmp_path, teacher, images, labels, spec, cfg, progress=False)
     return info, images, labels, spec
 
 

@@ -156,7 +156,7 @@ def tiny_teacher():
     with torch.no_grad():
         for _ in range(3):
             t(torch.randn(16, 3, 32, 32, generator=g) * 1.5 + 0.3)
-    t.eval()
+    t.set_stats(MEAN, STD).eval()
     assert not torch.allclose(t.features[1].running_var, torch.ones(8))
     return t
 
@@ -176,7 +176,7 @@ def _images(n=6, seed=6):
 def test_refine_images_masked_keeps_critical_pixels_bit_identical(tiny_teacher):
     x0, y = _images()
     cfg = SynthConfig(iterations=5, refine="masked", epsilon=0.5, lr=0.1, refine_batch=4)
-    out, cam = refine_images(tiny_teacher, x0, y, cfg, MEAN, STD, progress=False)
+    out, cam = refine_images(tiny_teacher, x0, y, cfg, progress=False)
     assert cam.shape == (6, 32, 32)
     assert torch.allclose(cam, class_activation_maps(tiny_teacher, x0, y))
     critical = (cam >= 0.5)[:, None].expand_as(x0)
@@ -193,7 +193,7 @@ def test_refine_images_masked_keeps_critical_pixels_bit_identical(tiny_teacher):
 def test_refine_images_all_changes_every_pixel(tiny_teacher):
     x0, y = _images()
     cfg = SynthConfig(iterations=5, refine="all", lr=0.1, refine_batch=6)
-    out, cam = refine_images(tiny_teacher, x0, y, cfg, MEAN, STD, progress=False)
+    out, cam = refine_images(tiny_teacher, x0, y, cfg, progress=False)
     lo, hi = _bounds()
     assert (out >= lo).all() and (out <= hi).all()
     critical = (cam >= 0.5)[:, None].expand_as(x0)
@@ -204,7 +204,7 @@ def test_refine_images_all_changes_every_pixel(tiny_teacher):
 
 def test_refine_images_none_returns_the_initial_images(tiny_teacher):
     x0, y = _images()
-    out, _ = refine_images(tiny_teacher, x0, y, SynthConfig(iterations=5, refine="none"), MEAN, STD, progress=False)
+    out, _ = refine_images(tiny_teacher, x0, y, SynthConfig(iterations=5, refine="none"), progress=False)
     assert torch.equal(out, x0)
 
 
@@ -300,7 +300,7 @@ def test_nrrdd_refines_only_noncritical_pixels_and_cidd_none(preset_runs, digits
     teacher, meta = load_model(digits_teacher, classes=digits.classes)
     for name in ("nrrdd", "cidd"):
         out, cfg = preset_runs(name)
-        x0, y, _ = initial_images(teacher, digits.train, 10, cfg, meta["mean"], meta["std"], torch.device("cpu"),
+        x0, y, _ = initial_images(teacher, digits.train, 10, cfg, torch.device("cpu"),
                                   progress=False)
         x = load_file(str(out / "synthetic.safetensors"))["images"]
         if name == "cidd":
@@ -335,8 +335,8 @@ def test_distill_is_deterministic(tmp_path, preset_runs, digits, digits_teacher)
     assert (first / "synthetic.safetensors").read_bytes() == (second / "synthetic.safetensors").read_bytes()
     # another seed selects other initial images
     teacher, meta = load_model(digits_teacher, classes=digits.classes)
-    seeded = [initial_images(teacher, digits.train, 10, preset_config("nrrdd", FAST, {"seed": s}), meta["mean"],
-                             meta["std"], torch.device("cpu"), progress=False)[0] for s in (0, 0, 1)]
+    seeded = [initial_images(teacher, digits.train, 10, preset_config("nrrdd", FAST, {"seed": s}),
+                             torch.device("cpu"), progress=False)[0] for s in (0, 0, 1)]
     assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
 
 

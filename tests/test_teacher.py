@@ -60,8 +60,8 @@ def test_train_teacher_outputs(tmp_path, digits):
     assert tuple(meta["mean"]) == digits.mean and tuple(meta["std"]) == digits.std
     assert meta["test_acc"] == results["test_acc"] and meta["recipe"] == results["config"]
     # the reloaded teacher scores exactly what results.json says, using only what the checkpoint records
-    assert accuracy(model, digits.test, meta["mean"], meta["std"], "cpu") == results["test_acc"]
-    assert accuracy(model, digits.val, meta["mean"], meta["std"], "cpu") == results["val_acc"]
+    assert accuracy(model, digits.test, "cpu") == results["test_acc"]
+    assert accuracy(model, digits.val, "cpu") == results["val_acc"]
 
 
 def test_same_seed_same_teacher_other_seed_other_teacher(tmp_path, digits):

@@ -58,4 +58,4 @@ def load_model(path, arch: str | None = None, classes: list[str] | None = None,
         model.load_state_dict(state)
     except RuntimeError as e:
         raise NrrddError(f"{path}: weights do not fit a {meta['arch']}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval(), meta
+    return model.set_stats(meta["mean"], meta["std"]).to(device).eval(), meta

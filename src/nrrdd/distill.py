@@ -56,7 +56,6 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
         raise NrrddError(f"{teacher_path}: teacher expects {meta['image_size']} px images, the data has "
                          f"{ds.image_size} px")
     check_enough_images(torch.bincount(ds.train.labels, minlength=ds.num_classes).tolist(), ds.classes, cfg)
-    mean, std = meta["mean"], meta["std"]
     timings = {"load_s": round(time.time() - t0, 2)}
     barrier()  # every rank has checked --out before rank 0 opens it
     if is_main():
@@ -67,12 +66,12 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
 
     # ---- stage 1: initial images (CIDD / RDED / noise / random), one file per class, classes split over ranks
     t = time.time()
-    x0, y, records = initial_set(teacher, ds, cfg, mean, std, dev, work, progress)
+    x0, y, records = initial_set(teacher, ds, cfg, dev, work, progress)
     timings["select_s"] = round(time.time() - t, 2)
 
     # ---- stage 2: refinement (none / masked / all)
     t = time.time()
-    x, cam = refine_images(teacher, x0, y.to(dev), cfg, mean, std, work_dir=work, progress=progress)
+    x, cam = refine_images(teacher, x0, y.to(dev), cfg, work_dir=work, progress=progress)
     timings["refine_s"] = round(time.time() - t, 2)
     if not is_main():  # rank 0 writes the outputs
         barrier()
@@ -80,7 +79,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
 
     # ---- stage 3: write images, labels, pictures, manifest
     t = time.time()
-    images, before = to_uint8(x, mean, std).cpu(), to_uint8(x0, mean, std).cpu()
+    images, before = (to_uint8(v, teacher.mean, teacher.std).cpu() for v in (x, x0))
     counts = [0] * ds.num_classes
     names = []
     for img, c in zip(images, y.tolist()):
@@ -96,7 +95,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     timings["write_s"] = round(time.time() - t, 2)
     timings["total_s"] = round(time.time() - t0, 2)
     record = {"kind": "distilled", "preset": preset, "config": to_dict(cfg), "seed": cfg.seed,
-              "classes": ds.classes, "ipc": cfg.ipc, "images": names, "mean": mean, "std": std,
+              "classes": ds.classes, "ipc": cfg.ipc, "images": names, "mean": meta["mean"], "std": meta["std"],
               "teacher": {"path": str(teacher_path), "sha256": sha256_file(teacher_path), "arch": meta["arch"],
                           "test_acc": meta.get("test_acc")},
               "data": {"spec": ds.name, **ds.info}, "timings": timings, "memory": peak_memory_mb(dev),
@@ -109,7 +108,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     return record
 
 
-def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Path, progress: bool):
+def initial_set(teacher, ds: Dataset, cfg: SynthConfig, dev, work: Path, progress: bool):
     """Initial images of every class, class-major. Each class is computed by one rank (or loaded from an
     earlier, killed run) and saved to its own file; every rank then reads all of them."""
     merged = work / "init.safetensors"
@@ -119,7 +118,7 @@ def initial_set(teacher, ds: Dataset, cfg: SynthConfig, mean, std, dev, work: Pa
             f = work / f"init_c{c:05d}_{key}.safetensors"
             if f.exists():
                 continue
-            x, y, rec = initial_images(teacher, ds.train, ds.num_classes, cfg, mean, std, dev, False, classes=[c])
+            x, y, rec = initial_images(teacher, ds.train, ds.num_classes, cfg, dev, False, classes=[c])
             save_tensors(f, {"x": x.cpu(), "y": y}, {"selection": rec[0]})
         barrier()
         if is_main():

@@ -26,15 +26,17 @@ from nrrdd.training import TrainState, accuracy, check_finite, cosine, ema_copy,
 # ---------------------------------------------------------------- one student
 
 def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfig, seed: int, device,
-                  mean, std, teacher=None, payload=None, state_path=None, progress=True, ddp=False):
-    """Train one student from scratch on the plan; returns the model after the final epoch (with `cfg.ema`,
+                  stats, teacher=None, payload=None, state_path=None, progress=True, ddp=False):
+    """Train one student from scratch on the plan, normalising its inputs with `stats` (mean, std); returns the
+    model after the final epoch (with `cfg.ema`,
     the moving average of its weights instead). With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
     plan = {k: v.to(device) for k, v in make_plan(spec).items()}
     payload = {k: v.to(device) for k, v in (payload or {}).items()}
     mode = label_mode(cfg.label_mode)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = create_model(cfg.student, num_classes, images.shape[-1], images.shape[1], **cfg.model_kwargs()).to(device)
+    model = create_model(cfg.student, num_classes, images.shape[-1], images.shape[1], **cfg.model_kwargs())
+    model = model.set_stats(*stats).to(device)
     net, rows = model, slice(None)
     if ddp:
         if spec.batch_size < world():
@@ -60,7 +62,7 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine(epoch, spec.epochs, cfg.cosine_span)
         for b in range(nb):
-            x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, mean, std))
+            x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, model.mean, model.std))
             if mode.teacher_online:
                 with torch.no_grad():
                     label = {"logits": teacher(x)}
@@ -112,7 +114,7 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     if classes != ds.classes:
         raise NrrddError(f"{distilled}: distilled classes {classes} do not match the test set's {ds.classes}")
     teacher, meta = (load_model(teacher_path, classes=ds.classes, device=dev) if teacher_path else (None, {}))
-    mean, std = (meta["mean"], meta["std"]) if meta else (ds.mean, ds.std)
+    stats = (teacher.mean, teacher.std) if teacher is not None else (ds.mean, ds.std)
     images, labels, spec = student_set(split, len(classes), record, cfg)
     images, labels = images.to(dev), labels.to(dev)
     mode = label_mode(cfg.label_mode)
@@ -130,7 +132,7 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     if mode.store:
         label_file = Path(labels_dir or out) / f"labels_{cfg.label_mode}.safetensors"
         if labels_dir is None and not label_file.exists():  # relabel here once; a resumed run reuses the file
-            store_labels(out, teacher, images, labels, spec, cfg, mean, std, progress)
+            store_labels(out, teacher, images, labels, spec, cfg, progress)
         barrier()
         payload, _ = load_labels(label_file.parent, cfg.label_mode, spec, images)
         labels_info = label_accounting(label_file, (label_file.parent / "plan.safetensors").stat().st_size, payload,
@@ -144,12 +146,11 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
                 state_file.unlink(missing_ok=True)  # killed between the two writes
             continue
         ts = time.time()
-        model = train_student(images, labels, len(classes), spec, cfg, seed, dev, mean, std, teacher, payload,
+        model = train_student(images, labels, len(classes), spec, cfg, seed, dev, stats, teacher, payload,
                               state_path=state_file, progress=progress, ddp=ddp)
         if ddp and not is_main():
             continue
-        r = {"seed": seed, "val_acc": accuracy(model, ds.val, mean, std, dev),
-             "test_acc": accuracy(model, ds.test, mean, std, dev), "time_s": round(time.time() - ts, 1),
+        r = {"seed": seed, "val_acc": accuracy(model, ds.val, dev), "test_acc": accuracy(model, ds.test, dev), "time_s": round(time.time() - ts, 1),
              "weights_sha256": sha256_bytes(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
                                                      for v in model.state_dict().values()))}
         write_json(seed_file, r)

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torchvision
 
 from nrrdd import NrrddError
+from nrrdd.data import normalize
 
 
 _REGISTRY: dict[str, Callable[..., "Net"]] = {}
@@ -34,12 +35,26 @@ def create_model(name: str, num_classes: int, image_size: int = 32, channels: in
 
 
 class Net(nn.Module):
-    """features (B, K, h, w) -> pool -> classifier. `pooled=False` means a linear head on the flattened map."""
+    """features (B, K, h, w) -> pool -> classifier. `pooled=False` means a linear head on the flattened map.
+    A net carries the per-channel `mean` and `std` of the data it was trained on (as timm's pretrained configs
+    do), so whoever feeds it images asks the net, not a pair of arguments travelling beside it."""
 
     def __init__(self, features: nn.Module, classifier: nn.Linear, pooled: bool, dropout: float = 0.0):
         super().__init__()
         self.features, self.classifier, self.pooled = features, classifier, pooled
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.mean: tuple[float, ...] | None = None
+        self.std: tuple[float, ...] | None = None
+
+    def set_stats(self, mean, std) -> "Net":
+        self.mean, self.std = tuple(mean), tuple(std)
+        return self
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> this net's input scale."""
+        if self.mean is None:
+            raise ValueError("this net has no input statistics: call set_stats(mean, std) first")
+        return normalize(x, self.mean, self.std)
 
     def embed(self, f: torch.Tensor) -> torch.Tensor:
         return (f.mean(dim=(2, 3)) if self.pooled else f.flatten(1))

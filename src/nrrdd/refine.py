@@ -11,7 +11,7 @@ from tqdm import tqdm
 from nrrdd.augment import crop_resize, cutmix_boxes, paste_boxes, random_square_boxes
 from nrrdd.cam import class_activation_maps
 from nrrdd.config import SynthConfig
-from nrrdd.data import denormalize, normalize
+from nrrdd.data import denormalize
 from nrrdd.files import load_tensors, save_tensors
 from nrrdd.losses import BNStats, bn_stat_loss, hinge_distance_loss, noncritical_mask
 from nrrdd.models import Net
@@ -79,7 +79,7 @@ def batch_order(labels: torch.Tensor, batch: int) -> list[torch.Tensor]:
     return list(order.split(batch))
 
 
-def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthConfig, mean, std,
+def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthConfig,
                   work_dir: Path | None = None, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Refine the whole synthetic set batch by batch; each finished batch is saved in `work_dir` so a killed
     run resumes at the next batch with the same result. Returns (refined, cam of the initial images)."""
@@ -89,8 +89,8 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
     mask = refinement_mask(cam, cfg)
     if cfg.refine == "none" or cfg.iterations == 0:
         return x0.clone(), cam
-    lo = normalize(torch.zeros(1, x0.shape[1], 1, 1, device=device), mean, std)
-    hi = normalize(torch.ones(1, x0.shape[1], 1, 1, device=device), mean, std)
+    lo = teacher.normalize(torch.zeros(1, x0.shape[1], 1, 1, device=device))
+    hi = teacher.normalize(torch.ones(1, x0.shape[1], 1, 1, device=device))
     out = x0.clone()
     batches = batch_order(y.cpu(), cfg.refine_batch)
     files = [work_dir / f"refined_{b:05d}.safetensors" if work_dir else None for b in range(len(batches))]

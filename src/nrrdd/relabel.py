@@ -180,7 +180,7 @@ def student_loss(mode: str, logits: torch.Tensor, y_org, y_aug, lam, label: dict
 
 @torch.no_grad()
 def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spec: PlanSpec, cfg: StudentConfig,
-            mean, std, progress: bool = True) -> dict[str, torch.Tensor]:
+            progress: bool = True) -> dict[str, torch.Tensor]:
     """Teacher labels for every mixed sample of the plan, as (E, N, ...) tensors of the mode's payload."""
     teacher.eval()
     nb = plan["lam"].shape[1]
@@ -188,7 +188,7 @@ def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spe
     for e in tqdm(mine(range(spec.epochs)), desc=f"relabel {cfg.label_mode}", disable=not progress, leave=False):
         chunks: dict[str, list] = {}
         for b in range(nb):
-            x, y_org, y_aug, _ = mixed_batch(images, labels, plan, spec, e, b, mean, std)
+            x, y_org, y_aug, _ = mixed_batch(images, labels, plan, spec, e, b, teacher.mean, teacher.std)
             for k, v in teacher_payload(cfg.label_mode, teacher(x).float(), y_org, y_aug, cfg).items():
                 chunks.setdefault(k, []).append(v.cpu())
         mine_epochs[e] = {k: torch.cat(v) for k, v in chunks.items()}
@@ -225,12 +225,12 @@ def student_set(split, num_classes: int, record: dict, cfg: StudentConfig):
     return images, labels, plan_spec(cfg, len(labels), num_classes, images.shape[-1], ipc)
 
 
-def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig, mean, std,
+def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig,
                  progress=True) -> dict:
     """Relabel the plan once and write plan.safetensors (bookkeeping) + labels_<mode>.safetensors (payload)."""
     out_dir = Path(out_dir)
     plan = make_plan(spec)
-    payload = relabel(teacher, images, labels, plan, spec, cfg, mean, std, progress)
+    payload = relabel(teacher, images, labels, plan, spec, cfg, progress)
     meta = {"plan": json.dumps(asdict(spec)), "images_sha256": images_digest(images.cpu()),
             "mode": cfg.label_mode, "topk": str(cfg.topk)}
     label_file = out_dir / f"labels_{cfg.label_mode}.safetensors"
@@ -289,8 +289,7 @@ def relabel_set(distilled, teacher_path, cfg: StudentConfig, out_dir, device: st
         open_out(out, "relabel", settings, state)
     barrier()
     images, labels, spec = student_set(split, len(classes), record, cfg)
-    info = store_labels(out, teacher, images.to(dev), labels.to(dev), spec, cfg, meta["mean"], meta["std"],
-                        progress=progress and is_main())
+    info = store_labels(out, teacher, images.to(dev), labels.to(dev), spec, cfg, progress=progress and is_main())
     if not is_main():
         return {}
     info = {"kind": "labels", "distilled": str(distilled), "teacher": str(teacher_path), "config": to_dict(cfg),

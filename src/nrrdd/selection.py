@@ -13,7 +13,7 @@ from nrrdd import NrrddError
 from nrrdd.augment import box_mass, crop_resize, random_square_boxes, stitch
 from nrrdd.cam import class_activation_maps
 from nrrdd.config import SynthConfig
-from nrrdd.data import Split, normalize
+from nrrdd.data import Split
 from nrrdd.models import Net
 from nrrdd.runtime import class_generator
 
@@ -39,15 +39,15 @@ def teacher_ce(teacher: Net, x: torch.Tensor, c: int, batch_size: int = 500) -> 
     return torch.cat(out)
 
 
-def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig, mean, std, device) -> tuple[torch.Tensor, dict]:
+def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig, device) -> tuple[torch.Tensor, dict]:
     """CIDD / RDED for one class: (beta * ipc, C, H, W) normalised patches at full size, and what was chosen."""
     need = cfg.ipc * cfg.beta
     if cfg.init == "random":
         idx = torch.randperm(len(images), generator=class_generator(cfg.seed, c))[:need]
-        return normalize(images[idx].to(device), mean, std), {"source_index": idx.tolist()}
+        return teacher.normalize(images[idx].to(device)), {"source_index": idx.tolist()}
     gen = class_generator(cfg.seed, c)
     pool_idx = torch.randperm(len(images), generator=gen)[:cfg.pool_per_class]
-    x = normalize(images[pool_idx].to(device), mean, std)  # (n, C, H, W)
+    x = teacher.normalize(images[pool_idx].to(device))  # (n, C, H, W)
     n, h, w, k = len(x), x.shape[-2], x.shape[-1], cfg.crops_per_image
     boxes = random_square_boxes(n * k, h, w, (cfg.crop_scale_min, 1.0), gen)
     owner = torch.arange(n).repeat_interleave(k)
@@ -68,7 +68,7 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
         "confidence": [round(v, 5) for v in conf[order].tolist()]}
 
 
-def initial_images(teacher: Net, train: Split, num_classes: int, cfg: SynthConfig, mean, std, device,
+def initial_images(teacher: Net, train: Split, num_classes: int, cfg: SynthConfig, device,
                    progress: bool = True, classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Initial synthetic set, class-major: (ipc * C', C, H, W) normalised, labels, per-class selection records."""
     xs, ys, records = [], [], []
@@ -79,7 +79,7 @@ def initial_images(teacher: Net, train: Split, num_classes: int, cfg: SynthConfi
             x = torch.randn(cfg.ipc, c_in, h, w, generator=class_generator(cfg.seed, c)).to(device)
             rec = {}
         else:
-            patches, rec = select_patches(teacher, train.of_class(c), c, cfg, mean, std, device)
+            patches, rec = select_patches(teacher, train.of_class(c), c, cfg, device)
             g = math.isqrt(cfg.beta)
             if g > 1:
                 patches = F.interpolate(patches, size=(h // g, w // g), mode="bilinear", antialias=True,

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from nrrdd.checkpoint import save_model
 from nrrdd.config import TeacherConfig, to_dict
-from nrrdd.data import Dataset, load_dataset, normalize, random_crop_flip
+from nrrdd.data import Dataset, load_dataset, random_crop_flip
 from nrrdd.files import read_json, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, finish_out, open_out
@@ -32,7 +32,8 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
     create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs())  # a bad name fails here
     open_out(out, "train-teacher", settings, state_kind)
     gen = seed_everything(cfg.seed)
-    model = create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs()).to(dev)
+    model = create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs())
+    model = model.set_stats(ds.mean, ds.std).to(dev)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     steps_per_epoch = math.ceil(len(ds.train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -50,19 +51,19 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
         perm = torch.randperm(len(ds.train), generator=gen).to(dev)
         for i in range(steps_per_epoch):
             idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = random_crop_flip(normalize(x_all[idx], ds.mean, ds.std), cfg.crop_pad, gen)
+            x = random_crop_flip(model.normalize(x_all[idx]), cfg.crop_pad, gen)
             loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
         check_finite(loss, f"teacher epoch {epoch + 1}")
-        val = accuracy(model, ds.val, ds.mean, ds.std, dev)
+        val = accuracy(model, ds.val, dev)
         history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": val, "time_s": time.time() - t0})
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.1f}")
         state.save(model, opt, gen, epoch=epoch + 1, history=history, config=settings)
     # The final epoch's weights are the teacher: no epoch is chosen by any accuracy.
-    test = accuracy(model, ds.test, ds.mean, ds.std, dev)
+    test = accuracy(model, ds.test, dev)
     meta = {"arch": cfg.arch, "classes": ds.classes, "image_size": ds.image_size, "channels": ds.channels,
             "mean": list(ds.mean), "std": list(ds.std), "model_kwargs": cfg.model_kwargs(), "recipe": settings,
             "val_acc": history[-1]["val_acc"] if history else None, "test_acc": test, "data_info": ds.info}

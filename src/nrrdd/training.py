@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from nrrdd import NrrddError
-from nrrdd.data import Split, normalize
+from nrrdd.data import Split
+from nrrdd.models import Net
 from nrrdd.files import atomic_path
 
 
@@ -36,20 +37,20 @@ def one_cycle(step: int, total: int, warmup: float) -> float:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, mean, std, device, batch_size: int = 1000) -> torch.Tensor:
+def predict(model: Net, images: torch.Tensor, device, batch_size: int = 1000) -> torch.Tensor:
     """Logits (N, C) of uint8 images, in eval mode, on `device`; returned on the CPU."""
     was = model.training
     model.eval()
-    out = [model(normalize(images[i:i + batch_size].to(device, non_blocking=True), mean, std)).float().cpu()
+    out = [model(model.normalize(images[i:i + batch_size].to(device, non_blocking=True))).float().cpu()
            for i in range(0, len(images), batch_size)]
     model.train(was)
     return torch.cat(out)
 
 
-def accuracy(model, split: Split, mean, std, device) -> float:
+def accuracy(model: Net, split: Split, device) -> float:
     if len(split) == 0:
         return float("nan")
-    return (predict(model, split.images, mean, std, device).argmax(1) == split.labels).float().mean().item() * 100
+    return (predict(model, split.images, device).argmax(1) == split.labels).float().mean().item() * 100
 
 
 def ema_copy(model: nn.Module) -> nn.Module:
