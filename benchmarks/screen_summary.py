@@ -15,9 +15,11 @@ RECIPE = ("epochs", "crop_min", "unstitch", "ema", "temperature", "label_mode")
 
 
 def recipe_of(r: dict) -> tuple:
-    cfg = r["config"]
+    """Fields a record predates read as their defaults (it ran without them)."""
+    from nrrdd.config import StudentConfig, to_dict
+    cfg = {**to_dict(StudentConfig()), **r["config"]}
     beta = (r.get("distilled_config") or {}).get("beta", 1)
-    return tuple(cfg.get(k) for k in RECIPE) + (beta,)
+    return tuple(cfg[k] for k in RECIPE) + (beta,)
 
 
 def describe(key: tuple) -> str:
