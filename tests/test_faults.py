@@ -526,7 +526,8 @@ def test_resume_refuses_a_run_of_another_command(refs, tmp_path, capsys):
 @pytest.mark.parametrize("field,value,expected", [("refine_flip", "no", "true or false"),
                                                   ("ipc", "three", "a whole number"),
                                                   ("ipc", 3.7, "a whole number"),
-                                                  ("init", "noize", "patches, noise, random")])
+                                                  ("init", "noize", "patches, noise, random"),
+                                                  ("ipc", 0, "at least 1")])
 def test_config_file_values_are_type_checked(field, value, expected, refs, tmp_path, capsys):
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({field: value}))

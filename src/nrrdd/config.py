@@ -55,6 +55,12 @@ def check_fields(cfg) -> None:
                              f"{', '.join(choices)}")
 
 
+def at_least_one(cfg, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise NrrddError(f"setting {name} ({_flag(name)}) = {getattr(cfg, name)}: must be at least 1")
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls, title: str | None = None, only=None) -> None:
     """Add --field-name for every field of dataclass `cls` (or those in `only`); defaults stay None so presets
     are not masked."""
@@ -177,9 +183,7 @@ class SynthConfig:
         check_fields(self)
         if math.isqrt(max(self.beta, 0)) ** 2 != self.beta or self.beta < 1:
             raise NrrddError(f"setting beta = {self.beta}: must be a square number of patches (1, 4, 9)")
-        for name in ("ipc", "pool_per_class", "crops_per_image", "top_t", "refine_batch"):
-            if getattr(self, name) < 1:
-                raise NrrddError(f"setting {name} ({_flag(name)}) = {getattr(self, name)}: must be at least 1")
+        at_least_one(self, "ipc", "pool_per_class", "crops_per_image", "top_t", "refine_batch")
 
 
 PRESETS: dict[str, dict] = {
@@ -240,9 +244,7 @@ class StudentConfig:
 
     def __post_init__(self):
         check_fields(self)
-        for name in ("epochs", "seeds", "checkpoint_every", "topk"):
-            if getattr(self, name) < 1:
-                raise NrrddError(f"setting {name} ({_flag(name)}) = {getattr(self, name)}: must be at least 1")
+        at_least_one(self, "epochs", "seeds", "checkpoint_every", "topk")
         if not 0 <= self.ema < 1:
             raise NrrddError(f"setting ema (--ema) = {self.ema}: a decay in [0, 1) (0: off)")
 
