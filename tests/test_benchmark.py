@@ -1,4 +1,5 @@
-"""The CIFAR-10 benchmark script, end to end on the embedded digits with tiny budgets."""
+"""The benchmark harness, end to end on the embedded digits with tiny budgets: a grid grown by a seed, free-form
+trials beside the random row, and both summaries."""
 import json
 import os
 import subprocess
@@ -6,28 +7,34 @@ import sys
 from pathlib import Path
 
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_convnet.py"
+HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
+
+
+def run_bench(tmp_path, steps, **fields):
+    config = {"results": str(tmp_path / "results" / "digits_bench"), "teacher": fields.pop("teacher"),
+              "data": "digits", "work": str(tmp_path / "work"), "device": "cpu",
+              "synth": {"iterations": 2, "pool_per_class": 10}, "student": {"epochs": 2, "width": 16},
+              "steps": steps, **fields}
+    f = tmp_path / "bench.json"
+    f.write_text(json.dumps(config))
+    r = subprocess.run([sys.executable, str(HARNESS), str(f)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Path(config["results"])
 
 
 def test_grid_then_more_seeds_then_summary(tmp_path, digits_teacher):
-    results = tmp_path / "results" / "digits_bench"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "BENCH_DATA": "digits", "BENCH_TEACHER": str(digits_teacher),
-           "BENCH_RESULTS": str(results), "BENCH_WORK": str(tmp_path / "work"),
-           "BENCH_SMOKE": json.dumps({"synth": {"iterations": 2, "pool_per_class": 10},
-                                      "student": {"epochs": 2, "width": 16}})}
-
     def grid(seeds):
-        r = subprocess.run([sys.executable, str(SCRIPT), "grid", "--ipc", "1", "--presets", "random", "nrrdd",
-                            "--modes", "sl-online", "dbr", "--grid-seeds", str(seeds), "--device", "cpu"],
-                           env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return {p.name: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
+        results = run_bench(tmp_path, [{"do": "grid", "ipc": [1], "presets": ["random", "nrrdd"],
+                                        "modes": ["sl-online", "dbr"], "seeds": seeds}, {"do": "summary"}],
+                            teacher=str(digits_teacher))
+        return results, {p.name: json.loads(p.read_text()) for p in (results / "cells").glob("*.json")}
 
-    one = grid(1)
+    _, one = grid(1)
     assert sorted(one) == ["ipc1_nrrdd_dbr_convnet3.json", "ipc1_nrrdd_sl-online_convnet3.json",
                            "ipc1_random_sl-online_convnet3.json"]
     assert all(c["seeds"] == [0] and c["ipc"] == 1 for c in one.values())
-    two = grid(2)  # extends every cell by seed 1, reusing seed 0
+    results, two = grid(2)  # extends every cell by seed 1, reusing seed 0
     for name, cell in two.items():
         assert cell["seeds"] == [0, 1] and cell["per_seed"][0] == one[name]["per_seed"][0]
     table = (results.parent / "digits_bench.md").read_text()
@@ -38,3 +45,24 @@ def test_grid_then_more_seeds_then_summary(tmp_path, digits_teacher):
         assert any(f"| {cell['preset']} | {cell['config']['label_mode']} | 1 | {cell['test_mean']:.2f} ± " in r
                    for r in rows), cell["preset"]
     assert (results.parent / "digits_bench.png").stat().st_size > 0
+
+
+def test_trials_beside_random_and_their_summary(tmp_path, digits_teacher):
+    trials = [{"id": "random", "preset": "random", "synth": {"ipc": 2}},
+              {"id": "cidd_diverse", "preset": "cidd", "synth": {"ipc": 2, "select": "diverse"}},
+              {"id": "cidd_e3", "preset": "cidd", "synth": {"ipc": 2}, "student": {"epochs": 3}}]
+    results = run_bench(tmp_path, [{"do": "trials", "folder": "screen", "trials": trials},
+                                   {"do": "screen_summary", "folder": "screen", "note": "Digits smoke."}],
+                        teacher=str(digits_teacher))
+    recs = {p.stem: json.loads(p.read_text()) for p in (results / "screen").glob("*.json")}
+    assert sorted(recs) == ["cidd_diverse", "cidd_e3", "random"]
+    assert recs["cidd_diverse"]["distilled_config"]["select"] == "diverse"
+    assert recs["cidd_e3"]["config"]["epochs"] == 3 and recs["random"]["config"]["epochs"] == 2
+    table = (results / "screen.md").read_text()
+    assert "Digits smoke." in table
+    row = {r.split(" | ")[-1].rstrip(" |"): r for r in table.splitlines() if r.startswith("| 2 epochs")}
+    gain = recs["cidd_diverse"]["val_mean"] - recs["random"]["val_mean"]
+    # the smoke budgets are settings in which the sets differ from their presets, so they show too
+    assert f"| cidd (iterations 2, pool_per_class 10, select diverse) | 1 | {recs['cidd_diverse']['val_mean']:.2f} |" in row["cidd_diverse.json"]
+    assert f"| {gain:+.2f} |" in row["cidd_diverse.json"]
+    assert "| 3 epochs" in table and "cidd_e3.json" not in row  # its own recipe: no random row to set against

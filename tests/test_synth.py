@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import nrrdd.distill as distill_mod
 import nrrdd.refine as refine
 from nrrdd import NrrddError
-from nrrdd.augment import unstitch, box_mass, crop_resize, paste_boxes, random_square_boxes, stitch
+from nrrdd.augment import box_mass, crop_resize, paste_boxes, random_square_boxes, stitch, unstitch
 from nrrdd.cam import class_activation_maps
 from nrrdd.checkpoint import load_model
 from nrrdd.config import PRESETS, SynthConfig, preset_config
@@ -427,3 +427,14 @@ def test_resume_after_interrupted_refinement(tmp_path, preset_runs, digits, digi
     assert _png_files(out) == _png_files(ref)
     assert (out / "synthetic.safetensors").read_bytes() == (ref / "synthetic.safetensors").read_bytes()
     shutil.rmtree(out)
+
+
+def test_cluster_pick_takes_the_best_of_each_cluster():
+    from nrrdd.selection import cluster_pick
+
+    # Two tight directions; by score alone the top two (0.9, 0.8) both sit in the first.
+    f = torch.tensor([[1.0, 0.0], [0.99, 0.05], [0.98, -0.05], [0.0, 1.0], [0.05, 0.99]])
+    score = torch.tensor([0.9, 0.8, 0.1, 0.3, 0.5])
+    for seed in range(5):
+        assert cluster_pick(f, score, 2, torch.Generator().manual_seed(seed)).tolist() == [0, 4]
+    assert cluster_pick(f, score, 9, torch.Generator().manual_seed(0)).tolist() == [0, 1, 4, 3, 2]

@@ -8,7 +8,6 @@ from nrrdd import NrrddError, __version__
 from nrrdd.config import add_config_args, build_config, load_config_file
 
 
-
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", default="auto", help="CPU threads of this process: a number, 0 (torch's default, one "

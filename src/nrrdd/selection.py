@@ -32,6 +32,34 @@ def check_enough_images(counts: list[int], classes: list[str], cfg: SynthConfig)
                                                                           " or raise --pool-per-class / --top-t"))
 
 
+def cluster_pick(features: torch.Tensor, score: torch.Tensor, k: int, generator: torch.Generator,
+                 iterations: int = 20) -> torch.Tensor:
+    """Indices of k items that cover `features` (n, d): spherical k-means from k random items into k
+    clusters, then the best-scoring item of each, ordered by score. Picking by score alone takes k near-copies
+    of the class's easiest view; random real images cover the class but waste slots on poor views."""
+    n = len(features)
+    if k >= n:
+        return torch.argsort(score, descending=True, stable=True)
+    f = F.normalize(features.float(), dim=1)
+    centres = f[torch.randperm(n, generator=generator)[:k]]
+    for _ in range(iterations):
+        assign = (f @ centres.T).argmax(1)
+        sums = torch.zeros_like(centres).index_add_(0, assign, f)
+        filled = torch.bincount(assign, minlength=k) > 0
+        centres = torch.where(filled[:, None], F.normalize(sums, dim=1), centres)
+    assign = (f @ centres.T).argmax(1).tolist()
+    ranked = torch.argsort(score, descending=True, stable=True).tolist()
+    picked, seen = [], set()
+    for i in ranked:  # first seen = best of its cluster
+        if assign[i] not in seen:
+            seen.add(assign[i])
+            picked.append(i)
+    taken = set(picked)
+    picked += [i for i in ranked if i not in taken][:k - len(picked)]  # an empty cluster's slot: next best item
+    picked = torch.tensor(picked, dtype=torch.long)
+    return picked[torch.argsort(score[picked], descending=True, stable=True)]
+
+
 @torch.no_grad()
 def teacher_ce(teacher: Net, x: torch.Tensor, c: int, batch_size: int = 500) -> torch.Tensor:
     out = [F.cross_entropy(teacher(x[i:i + batch_size]), torch.full((len(x[i:i + batch_size]),), c, device=x.device),
@@ -62,7 +90,12 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     keep = (top + torch.arange(n)[:, None] * k).flatten()
     patches = crop_resize(x, boxes[keep], h, owner[keep])
     conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
-    order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
+    if cfg.select == "diverse":
+        with torch.no_grad():
+            feats = torch.cat([teacher.embed(teacher.features(patches[i:i + 500])) for i in range(0, len(patches), 500)])
+        order = cluster_pick(feats.cpu(), conf, need, gen)
+    else:
+        order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),
         "confidence": [round(v, 5) for v in conf[order].tolist()]}

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from nrrdd import NrrddError
 from nrrdd.data import Split
-from nrrdd.models import Net
 from nrrdd.files import atomic_path
+from nrrdd.models import Net
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
