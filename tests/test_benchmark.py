@@ -66,3 +66,31 @@ def test_trials_beside_random_and_their_summary(tmp_path, digits_teacher):
     assert f"| cidd (iterations 2, pool_per_class 10, select diverse) | 1 | {recs['cidd_diverse']['val_mean']:.2f} |" in row["cidd_diverse.json"]
     assert f"| {gain:+.2f} |" in row["cidd_diverse.json"]
     assert "| 3 epochs" in table and "cidd_e3.json" not in row  # its own recipe: no random row to set against
+
+
+def test_ddranking_check_writes_cifar_pickles_torchvision_reads(tmp_path):
+    """The DD-Ranking check hands DD-Ranking our CIFAR-10 copy as torchvision's `cifar-10-batches-py`: every
+    pixel and label must come back where torchvision's loader puts it."""
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from torchvision.datasets import CIFAR10
+    spec = importlib.util.spec_from_file_location("ddranking_check", HARNESS.parent / "ddranking_check.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (12, 3, 32, 32), dtype=np.uint8), rng.integers(0, 10, 12))
+    test = (rng.integers(0, 256, (4, 3, 32, 32), dtype=np.uint8), np.arange(4))
+    names = [f"class{i}" for i in range(10)]
+    check.write_cifar_pickles(tmp_path, train, test, names)
+    saved = (CIFAR10.train_list, CIFAR10.test_list, CIFAR10.meta)
+    try:
+        check.accept_local_cifar()
+        tr, te = CIFAR10(str(tmp_path), train=True, download=False), CIFAR10(str(tmp_path), train=False)
+    finally:
+        CIFAR10.train_list, CIFAR10.test_list, CIFAR10.meta = saved
+    assert tr.classes == names and tr.targets == train[1].tolist() and te.targets == [0, 1, 2, 3]
+    assert np.array_equal(tr.data, train[0].transpose(0, 2, 3, 1))  # torchvision keeps HWC
+    img, label = te[2]
+    assert label == 2 and torch.equal(torch.from_numpy(np.array(img)), torch.from_numpy(test[0][2]).permute(1, 2, 0))

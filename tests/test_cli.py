@@ -39,7 +39,7 @@ def runs():
 def test_module_help(runs):
     r = runs["module_help"]
     assert r.returncode == 0, r.stderr
-    for word in ("train-teacher", "verify", "models", "--version"):
+    for word in ("train-teacher", "verify", "models", "export", "--version"):
         assert word in r.stdout
 
 
@@ -124,3 +124,6 @@ def test_help_texts_say_what_each_command_reads(capsys):
     export = _help(capsys, "export-arrays")
     assert "portable copy" in export and "resize every image" in export
     assert "60 steps instead of the default 300" in _help(capsys, "demo")
+    ddr = _help(capsys, "export")
+    assert "image_tensor or image_path" in ddr and "--mean" in ddr and "ddranking" in ddr
+    assert "--baseline {none,random}" in evaluate and "IOR" in evaluate

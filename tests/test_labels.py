@@ -497,3 +497,25 @@ def test_unstitch_trains_on_the_tiles_and_relabel_agrees(tmp_path, digits, digit
     whole = evaluate(tmp_path / "d", StudentConfig(label_mode="onehot", epochs=1, seeds=1, width=8), tmp_path / "ev1",
                      device="cpu", progress=False, data=digits)
     assert whole["plan"]["num_images"] == 10
+
+
+@pytest.mark.parametrize("mode", ["sl-online", "dbr"])
+def test_baseline_random_is_the_random_preset_under_the_same_recipe(tmp_path, distilled_digits, digits,
+                                                                    digits_teacher, mode):
+    """--baseline random trains on exactly the images the random preset would store for the set (same seed,
+    ipc, beta), with the same plan and labels: its seeds equal an evaluation of that preset's folder."""
+    cfg = dict(label_mode=mode, epochs=2, seeds=2, width=16)
+    r = evaluate(distilled_digits, StudentConfig(baseline="random", **cfg), tmp_path / "e", device="cpu",
+                 progress=False, data=digits)
+    distill(digits, digits_teacher, preset_config("random", {"ipc": 2}), tmp_path / "random", preset="random",
+            device="cpu", progress=False)
+    plain = evaluate(tmp_path / "random", StudentConfig(**cfg), tmp_path / "r", device="cpu", progress=False,
+                     data=digits)
+    base = r["baseline"]
+    assert base["kind"] == "random" and base["images_sha256"] == plain["inputs"]["images_sha256"]
+    assert [s["weights_sha256"] for s in base["per_seed"]] == [s["weights_sha256"] for s in plain["per_seed"]]
+    assert base["test_mean"] == plain["test_mean"] and base["val_mean"] == plain["val_mean"]
+    assert r["ior"] == {"test": round(r["test_mean"] - plain["test_mean"], 2),
+                        "val": round(r["val_mean"] - plain["val_mean"], 2)}
+    assert r["teacher_test_acc"] is not None
+    assert verify_dir(tmp_path / "e") == []

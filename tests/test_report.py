@@ -54,3 +54,41 @@ def test_refinement_panel_scales_the_difference_or_says_no_refinement(tmp_path, 
     after[0, :, 0, 0] = 3  # a change of 3/255: a fixed gain would leave it near black
     refinement_panel(tmp_path / "changed.png", before, after, cam, mask, ["a", "b"])
     assert "|diff|, max 3/255" in titles and "no refinement" not in texts
+
+
+def test_label_robust_score_hand_value():
+    from nrrdd.report import label_robust_score
+
+    # a = (5 - 45) / 200 = -0.2: (e^-0.2 - e^-1) / (e - e^-1) = 0.450852 / 2.350402
+    assert label_robust_score(5.0, 45.0) == 19.18
+    assert label_robust_score(0.0, 100.0 * 2) == 0.0  # a = -1: the floor
+    assert label_robust_score(100.0, -100.0) == 100.0  # a = 1: the ceiling
+
+
+def test_table_shows_ior_hlr_and_lrs():
+    same = {"teacher": "t.safetensors", "teacher_arch": "convnet3", "teacher_test_acc": 85.0}
+    rand = {**_result("random", 10, [53.0]), **same, "inputs": {"images_sha256": "r"}}
+    cidd = {**_result("cidd", 10, [58.0]), **same, "inputs": {"images_sha256": "c"}}
+    hard = {**_result("cidd", 10, [40.0]), **same, "inputs": {"images_sha256": "c"},
+            "config": {"student": "convnet3", "label_mode": "onehot"}}
+    own = {**_result("nrrdd", 10, [57.0]), **same, "ior": {"test": 3.0, "val": 2.0}, "inputs": {"images_sha256": "n"}}
+    other_recipe = {**_result("rded", 10, [60.0]), **same,
+                    "config": {"student": "convnet3", "label_mode": "sl-online", "epochs": 1000}}
+    rows = {ln.split(" | ")[2] + "/" + ln.split(" | ")[3]: ln.split(" | ") for ln in
+            markdown_table([rand, cidd, hard, own, other_recipe]).splitlines() if ln.startswith("| cifar10")}
+    ior, hlr, lrs = 9, 10, 11  # column positions
+    assert rows["cidd/sl-online"][ior] == "+5.00ʳ"  # against the random row of the same recipe
+    assert rows["cidd/sl-online"][hlr] == "45.00"  # 85 full-data (teacher) - 40 one-hot on the same images
+    assert rows["cidd/sl-online"][lrs] == "19.18"
+    assert rows["nrrdd/sl-online"][ior] == "+3.00" and rows["nrrdd/sl-online"][hlr] == "-"  # its own baseline
+    assert rows["rded/sl-online"][ior] == "-"  # 1,000 epochs: no random row trained so
+    assert rows["random/sl-online"][ior] == "-"
+
+
+def test_bars_carry_the_ior(tmp_path, monkeypatch):
+    texts = []
+    real_text = matplotlib.axes.Axes.text
+    monkeypatch.setattr(matplotlib.axes.Axes, "text", lambda self, x, y, s, **k: texts.append(s) or
+                        real_text(self, x, y, s, **k))
+    accuracy_plot([_result("random", 10, [50.0]), _result("cidd", 10, [56.5])], tmp_path / "p.png")
+    assert sorted(texts) == ["50.0", "56.5\nIOR +6.5"]

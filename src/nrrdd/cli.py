@@ -71,8 +71,12 @@ def cmd_evaluate(a) -> int:
         return 0
     lab = r["labels"]
     extra = f"  labels {lab['payload_bytes']} B ({lab['ratio_vs_sl']}x smaller than SL)" if lab else ""
+    if r.get("baseline"):
+        b = r["baseline"]
+        extra += (f"\n  random real images, same recipe and labels: test {b['test_mean']:.2f} +- {b['test_std']:.2f}  "
+                  f"val {b['val_mean']:.2f}  ->  IOR test {r['ior']['test']:+.2f}, val {r['ior']['val']:+.2f}")
     print(f"{cfg.student} / {cfg.label_mode}: test {r['test_mean']:.2f} +- {r['test_std']:.2f}  "
-          f"val {r['val_mean']:.2f} +- {r['val_std']:.2f}  over seeds {r['seeds']}{extra} -> {a.out}/results.json")
+          f"val {r['val_mean']:.2f} +- {r['val_std']:.2f}  over seeds {r['seeds']}{extra}\n  -> {a.out}/results.json")
     return 0
 
 
@@ -168,6 +172,14 @@ def cmd_export_arrays(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    from nrrdd.export import export
+    r = export(a.distilled, a.out, a.format, a.mean, a.std, overwrite=a.overwrite, verify=a.verify)
+    print(f"{r['images'][0]} images ({r['ipc']} per class) as {a.format}: images.pt, labels.pt, image_folder/ -> "
+          f"{a.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nrrdd.config import PRESETS, RELABEL_FIELDS, StudentConfig, SynthConfig, TeacherConfig
     p = argparse.ArgumentParser(prog="nrrdd", description=__doc__.split("\n")[0] + "\n\nDistil a labelled image "
@@ -245,6 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
                        "missing, extra or changed file.")
     s.add_argument("dirs", nargs="+", help="output folders (distilled sets, results, teachers)")
     s.set_defaults(fn=cmd_verify)
+
+    s = sub.add_parser("export", help="write a distilled set in the layout another evaluator loads (DD-Ranking)",
+                       description="Write a distilled set for another tool. ddranking: images.pt (float32 N x C x "
+                       "H x W, class-major, normalised with --mean/--std), labels.pt (int64 class indices), "
+                       "image_folder/<class index>/<n>.png and export.json, which DD-Ranking's compute_metrics takes "
+                       "as image_tensor or image_path.")
+    s.add_argument("--distilled", required=True, help="a distilled folder (from distill) or an ImageFolder")
+    s.add_argument("--format", default="ddranking", choices=["ddranking"], help="target layout (default: ddranking)")
+    s.add_argument("--mean", type=float, nargs="+", help="per-channel mean images.pt is normalised with: the one "
+                   "the evaluator applies to its test images (default: the set's own, its teacher's)")
+    s.add_argument("--std", type=float, nargs="+", help="per-channel std, likewise")
+    s.add_argument("--out", required=True, help="output folder (created; never one holding files nrrdd did not write)")
+    s.add_argument("--overwrite", action="store_true", help="replace an export nrrdd wrote in --out")
+    _no_verify(s, "a distilled folder")
+    s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("export-arrays", help="save a data set's splits as one uint8 .npz (portable copy)",
                        description="Decode a data set's train and test splits into one compressed uint8 .npz "

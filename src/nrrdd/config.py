@@ -234,6 +234,10 @@ class StudentConfig:
     topk: int = help_field(2, "entries kept per sample by compact labels")
     ema: float = help_field(0.0, "decay per step of an exponential moving average of the student's weights, which "
                             "is then evaluated instead of the final weights (0: off)")
+    baseline: str = help_field("none", "random: also train the same students, with the same labels and plan, on "
+                               "random real training images (ipc x beta per class, drawn as the random preset "
+                               "draws them from the set's seed) and report the improvement over random, IOR = "
+                               "accuracy minus the baseline's", ("none", "random"))
     plan_seed: int = help_field(0, "seed of the label plan (batches, crops, flips, mixes), shared by all modes")
     seeds: int = help_field(3, "number of student seeds (0, 1, ...)")
     first_seed: int = help_field(0, "first student seed")

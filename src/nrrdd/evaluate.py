@@ -12,21 +12,23 @@ from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
-from nrrdd.config import StudentConfig, images_per_class, to_dict
-from nrrdd.data import load_dataset, load_distilled
+from nrrdd.config import StudentConfig, SynthConfig, images_per_class, to_dict
+from nrrdd.data import Split, load_dataset, load_distilled
 from nrrdd.files import read_json, sha256_bytes, sha256_file, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, finish_out, open_out
+from nrrdd.refine import to_uint8
 from nrrdd.relabel import (PlanSpec, images_digest, label_accounting, label_mode, label_slice, load_labels, make_plan,
                            mixed_batch, store_labels, student_loss, student_set)
 from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance, rank, world
+from nrrdd.selection import check_enough_images, initial_images
 from nrrdd.training import TrainState, accuracy, check_finite, cosine, ema_copy, ema_update, param_groups
 
 
 # ---------------------------------------------------------------- one student
 
 def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfig, seed: int, device,
-                  stats, teacher=None, payload=None, state_path=None, progress=True, ddp=False):
+                  stats, teacher=None, payload=None, state_path=None, progress=True, ddp=False, name="student"):
     """Train one student from scratch on the plan, normalising its inputs with `stats` (mean, std); returns the
     model after the final epoch (with `cfg.ema`,
     the moving average of its weights instead). With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
@@ -57,7 +59,7 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
     saves = state is not None and (is_main() or not ddp)
     nb = math.ceil(spec.num_images / spec.batch_size)
     net.train()
-    for epoch in tqdm(range(start, spec.epochs), desc=f"student seed {seed}", disable=not progress, leave=False,
+    for epoch in tqdm(range(start, spec.epochs), desc=f"{name} seed {seed}", disable=not progress, leave=False,
                       initial=start, total=spec.epochs):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine(epoch, spec.epochs, cfg.cosine_span)
@@ -85,6 +87,67 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
 def recipe(settings: dict) -> dict:
     """What makes two runs' per-seed results interchangeable: all but which seeds run and how often to save."""
     return {k: v for k, v in settings.items() if k not in ("seeds", "first_seed", "checkpoint_every")}
+
+
+def random_baseline(ds, teacher, record: dict, ipc: int, device) -> Split:
+    """The random preset's images beside a distilled set: ipc x beta real training images per class, drawn from
+    the set's synthesis seed and stitched as it was, so IOR compares storage for storage."""
+    cfg = SynthConfig(init="random", refine="none", ipc=ipc, beta=(record.get("config") or {}).get("beta", 1),
+                      seed=record.get("seed", 0))
+    check_enough_images(torch.bincount(ds.train.labels, minlength=ds.num_classes).tolist(), ds.classes, cfg)
+    x, y, _ = initial_images(teacher, ds.train, ds.num_classes, cfg, device, progress=False)
+    return Split(to_uint8(x, teacher.mean, teacher.std).cpu(), y)
+
+
+def labels_for(label_dir: Path, make: bool, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig,
+               progress: bool) -> tuple[dict | None, dict]:
+    """The stored-label payload a student reads (None for online or hard labels), relabelled here once when
+    `make` and not yet written; a resumed run reuses the file."""
+    if not label_mode(cfg.label_mode).store:
+        return None, {}
+    label_file = label_dir / f"labels_{cfg.label_mode}.safetensors"
+    if make and not label_file.exists():
+        label_dir.mkdir(parents=True, exist_ok=True)
+        store_labels(label_dir, teacher, images, labels, spec, cfg, progress)
+    barrier()
+    payload, _ = load_labels(label_dir, cfg.label_mode, spec, images)
+    return payload, label_accounting(label_file, (label_dir / "plan.safetensors").stat().st_size, payload, spec,
+                                     int(labels.max()) + 1)
+
+
+def train_seeds(folder: Path, name: str, images, labels, spec: PlanSpec, cfg: StudentConfig, seeds: list[int],
+                device, stats, teacher, payload, ds, progress: bool) -> list[dict]:
+    """One student per seed, each result in folder/seed_<n>.json as soon as it is trained (a killed run resumes
+    from the last checkpoint of the seed it was in). Returns the per-seed results on rank 0."""
+    ddp = cfg.ddp and world() > 1
+    for seed in seeds if ddp else mine(seeds):  # without DDP each rank trains whole seeds
+        seed_file, state_file = folder / f"seed_{seed}.json", folder / f".state_{seed}.pt"
+        if seed_file.exists():
+            if is_main() or not ddp:
+                state_file.unlink(missing_ok=True)  # killed between the two writes
+            continue
+        ts = time.time()
+        model = train_student(images, labels, ds.num_classes, spec, cfg, seed, device, stats, teacher, payload,
+                              state_path=state_file, progress=progress, ddp=ddp, name=name)
+        if ddp and not is_main():
+            continue
+        r = {"seed": seed, "val_acc": accuracy(model, ds.val, device), "test_acc": accuracy(model, ds.test, device),
+             "time_s": round(time.time() - ts, 1),
+             "weights_sha256": sha256_bytes(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
+                                                     for v in model.state_dict().values()))}
+        write_json(seed_file, r)
+        state_file.unlink(missing_ok=True)
+    barrier()
+    return [read_json(folder / f"seed_{seed}.json") for seed in seeds] if is_main() else []
+
+
+def seed_stats(per_seed: list[dict]) -> dict:
+    out = {}
+    for split in ("test", "val"):
+        v = [r[f"{split}_acc"] for r in per_seed]
+        out[f"{split}_mean"] = round(statistics.mean(v), 2)
+        out[f"{split}_std"] = round(statistics.stdev(v), 2) if len(v) > 1 else 0.0
+    return out
 
 
 def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_dir=None, device="auto",
@@ -115,64 +178,44 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
         raise NrrddError(f"{distilled}: distilled classes {classes} do not match the test set's {ds.classes}")
     teacher, meta = (load_model(teacher_path, classes=ds.classes, device=dev) if teacher_path else (None, {}))
     stats = (teacher.mean, teacher.std) if teacher is not None else (ds.mean, ds.std)
+    ipc = images_per_class(len(split), len(classes), record.get("ipc"))
     images, labels, spec = student_set(split, len(classes), record, cfg)
-    images, labels = images.to(dev), labels.to(dev)
     mode = label_mode(cfg.label_mode)
-    if teacher is None and (mode.teacher_online or (mode.store and not labels_dir)):
-        raise NrrddError(f"label mode {cfg.label_mode} needs a teacher: pass --teacher"
-                         + (" (or --labels from nrrdd relabel)" if mode.store else ""))
+    if teacher is None and (mode.teacher_online or (mode.store and not labels_dir) or cfg.baseline != "none"):
+        raise NrrddError(f"label mode {cfg.label_mode}" + (" with --baseline random" if cfg.baseline != "none" else "")
+                         + " needs a teacher: pass --teacher" + (" (or --labels from nrrdd relabel)"
+                                                                 if mode.store and cfg.baseline == "none" else ""))
     if labels_dir is not None and mode.store:
         load_labels(labels_dir, cfg.label_mode, spec, images)  # refused labels never open --out
+    base = random_baseline(ds, teacher, record, ipc, dev) if cfg.baseline == "random" else None
     barrier()  # every rank has checked --out before rank 0 opens it
     if is_main():
         open_out(out, "evaluate", settings, state)
     barrier()
 
-    payload, labels_info = None, {}
-    if mode.store:
-        label_file = Path(labels_dir or out) / f"labels_{cfg.label_mode}.safetensors"
-        if labels_dir is None and not label_file.exists():  # relabel here once; a resumed run reuses the file
-            store_labels(out, teacher, images, labels, spec, cfg, progress)
-        barrier()
-        payload, _ = load_labels(label_file.parent, cfg.label_mode, spec, images)
-        labels_info = label_accounting(label_file, (label_file.parent / "plan.safetensors").stat().st_size, payload,
-                                       spec, len(classes))
-
-    ddp = cfg.ddp and world() > 1
-    for seed in seeds if ddp else mine(seeds):  # without DDP each rank trains whole seeds
-        seed_file, state_file = out / "seeds" / f"seed_{seed}.json", out / "seeds" / f".state_{seed}.pt"
-        if seed_file.exists():
-            if is_main() or not ddp:
-                state_file.unlink(missing_ok=True)  # killed between the two writes
-            continue
-        ts = time.time()
-        model = train_student(images, labels, len(classes), spec, cfg, seed, dev, stats, teacher, payload,
-                              state_path=state_file, progress=progress, ddp=ddp)
-        if ddp and not is_main():
-            continue
-        r = {"seed": seed, "val_acc": accuracy(model, ds.val, dev), "test_acc": accuracy(model, ds.test, dev), "time_s": round(time.time() - ts, 1),
-             "weights_sha256": sha256_bytes(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
-                                                     for v in model.state_dict().values()))}
-        write_json(seed_file, r)
-        state_file.unlink(missing_ok=True)
-    barrier()
+    payload, labels_info = labels_for(Path(labels_dir or out), labels_dir is None, teacher, images, labels, spec, cfg,
+                                      progress)
+    per_seed = train_seeds(out / "seeds", "student", images.to(dev), labels.to(dev), spec, cfg, seeds, dev, stats,
+                           teacher, payload, ds, progress)
+    baseline = None
+    if base is not None:
+        b_images, b_labels, b_spec = student_set(base, len(classes), record, cfg)
+        b_payload, _ = labels_for(out / "baseline", True, teacher, b_images, b_labels, b_spec, cfg, progress)
+        b_seeds = train_seeds(out / "baseline" / "seeds", "random", b_images.to(dev), b_labels.to(dev), b_spec, cfg,
+                              seeds, dev, stats, teacher, b_payload, ds, progress)
+        baseline = b_seeds and {"kind": "random", "images_sha256": images_digest(base.images), "seeds": seeds,
+                                "per_seed": b_seeds, **seed_stats(b_seeds)}
     if not is_main():
         return {}
-    per_seed = [read_json(out / "seeds" / f"seed_{seed}.json") for seed in seeds]
-
-    def stats(key):
-        v = [r[key] for r in per_seed]
-        return round(statistics.mean(v), 2), round(statistics.stdev(v), 2) if len(v) > 1 else 0.0
-
-    (test_mean, test_std), (val_mean, val_std) = stats("test_acc"), stats("val_acc")
-    ipc = images_per_class(len(split), len(classes), record.get("ipc"))
     results = {"kind": "evaluation", "distilled": str(distilled), "preset": record.get("preset"), "ipc": ipc,
                "data": spec_name, "teacher": str(teacher_path) if teacher_path else None,
-               "teacher_arch": meta.get("arch"), "config": to_dict(cfg), "plan": asdict(spec),
-               "inputs": inputs, "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed, "test_mean": test_mean,
-               "test_std": test_std, "val_mean": val_mean, "val_std": val_std, "labels": labels_info,
-               "distilled_config": record.get("config"), "processes": world(),
-               "wall_time_s": round(time.time() - t0, 1), **provenance()}
+               "teacher_arch": meta.get("arch"), "teacher_test_acc": meta.get("test_acc"), "config": to_dict(cfg),
+               "plan": asdict(spec), "inputs": inputs, "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
+               **seed_stats(per_seed), "labels": labels_info, "distilled_config": record.get("config"),
+               "processes": world(), "wall_time_s": round(time.time() - t0, 1), **provenance()}
+    if baseline:
+        results |= {"baseline": baseline, "ior": {k: round(results[f"{k}_mean"] - baseline[f"{k}_mean"], 2)
+                                                  for k in ("test", "val")}}
     write_json(out / "results.json", results)
     finish_out(out, "evaluate", settings, {"kind": "evaluation"})
     return results

@@ -27,8 +27,9 @@ OWNED = {
     "train-teacher": ("state.pt", "teacher.safetensors", "results.json"),
     "distill": ("images/*", "pictures/*", ".work/*", "synthetic.safetensors", "selection.json", "config.json",
                 "distill.json"),
-    "evaluate": ("seeds/*", "labels_*.safetensors", "plan.safetensors", "results.json"),
+    "evaluate": ("seeds/*", "baseline/*", "labels_*.safetensors", "plan.safetensors", "results.json"),
     "relabel": ("plan.safetensors", "labels_*.safetensors", "labels.json"),
+    "export": ("images.pt", "labels.pt", "image_folder/*", "export.json"),
     "demo": ("teacher/*", "distilled_*/*", "eval_*/*", "report.md", "report.png"),
 }
 COMMON = (MANIFEST, RUN_FILE, "*.tmp")  # *.tmp: atomic_path's temporary files
