@@ -71,6 +71,8 @@ def distill_name(preset: str, overrides: dict) -> str:
 
 
 def distilled_dir(b: Bench, cell: dict) -> Path:
+    if cell.get("distilled"):  # a trial of an existing distilled folder
+        return b.path(cell["distilled"])
     return b.path(b.work) / "distilled" / distill_name(cell["preset"], cell["overrides"])
 
 
@@ -140,7 +142,7 @@ def evaluate_cells(b: Bench, cells: list[dict], distill_only: bool = False) -> l
     if PLAN:
         print(f"{len(cells) - len(todo)} of {len(cells)} cells done" + "".join(f"\n  to run: {c['id']}" for c in todo))
         return [json.loads(Path(c["dest"]).read_text()) for c in cells if done(b, c)]
-    sets = {distilled_dir(b, c): c for c in todo}
+    sets = {distilled_dir(b, c): c for c in todo if not c.get("distilled")}
     run_all([(distill_job, (b, c)) for c in sets.values()], b.workers)
     if distill_only:
         return []
@@ -262,9 +264,10 @@ def grid(b: Bench, ipc: list[int], presets=None, modes=None, students=("convnet3
 
 def trials(b: Bench, folder: str, trials: list[dict]) -> None:
     """Free-form cells, one record each in results/<folder>/<id>.json: {id, preset, synth: {...} (ipc 10
-    unless given), student: {...} (seeds 1 unless given)}. For screens and ablations beside the random row."""
-    cells = [{"id": t["id"], "preset": t["preset"], "overrides": {"ipc": 10, **t.get("synth", {})},
-              "student": {"seeds": 1, **t.get("student", {})},
+    unless given), student: {...} (seeds 1 unless given)}, or {id, distilled: folder, student} to evaluate an
+    existing distilled set. For screens and ablations beside the random row."""
+    cells = [{"id": t["id"], "preset": t.get("preset"), "overrides": {"ipc": 10, **t.get("synth", {})},
+              "student": {"seeds": 1, **t.get("student", {})}, "distilled": t.get("distilled"),
               "dest": str(b.path(b.results) / folder / f"{t['id']}.json")} for t in trials]
     evaluate_cells(b, cells)
 

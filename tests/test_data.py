@@ -407,3 +407,25 @@ def test_a_registered_data_set_loads_by_name(monkeypatch, capsys):
     assert main(["datasets"]) == 0
     out = capsys.readouterr().out
     assert "tiny: in this test" in out and "digits: embedded" in out
+
+
+def test_files_digest_survives_a_copy_and_names_a_changed_file(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        write_png(tmp_path / "t" / c / "0.png", rng, 4)
+    _, _, info = load_image_folder(tmp_path / "t", use_cache=False, progress=False)
+    os.utime(tmp_path / "t" / "a" / "0.png", (1, 1))  # a copy: same files, other times
+    _, _, copied = load_image_folder(tmp_path / "t", use_cache=False, progress=False)
+    assert copied["files_digest"] == info["files_digest"] and copied["fingerprint"] != info["fingerprint"]
+    write_png(tmp_path / "t" / "b" / "1.png", rng, 4)
+    _, _, grown = load_image_folder(tmp_path / "t", use_cache=False, progress=False)
+    assert grown["files_digest"] != info["files_digest"]
+
+
+def test_data_mismatch_says_why_a_teacher_may_not_fit():
+    from nrrdd.data import data_mismatch
+    seen = {"train": {"files_digest": "x"}, "val_fraction": 0.1, "split_seed": 0}
+    assert data_mismatch(seen, dict(seen)) is None
+    assert data_mismatch(seen, {**seen, "train": {"files_digest": "y"}}) == "it was trained on other training files"
+    assert "validation images may be ones it saw" in data_mismatch(seen, {**seen, "split_seed": 1})
+    assert data_mismatch({}, seen) is None  # a teacher that recorded nothing: nothing to say

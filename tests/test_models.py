@@ -13,9 +13,11 @@ from nrrdd.models import Net, create_model, model_names
 NUM_CLASSES = 5
 # Input sides that leave a feature map of at least 2x2 (so a CAM has something to localise) and keep CPU time low.
 SIZES = {"convnet": 32, "convnet3": 32, "convnet4": 32, "convnet5": 64, "convnet6": 128,
-         "resnet18": 32, "resnet101": 16, "resnet18_imagenet": 64, "mobilenet_v2": 64, "efficientnet_b0": 64}
+         "resnet18": 32, "resnet50": 16, "resnet101": 16, "resnet18_imagenet": 64, "resnet50_imagenet": 64,
+         "resnet101_imagenet": 64, "mobilenet_v2": 64, "efficientnet_b0": 64}
 FEATURE_SIDE = {"convnet": 4, "convnet3": 4, "convnet4": 2, "convnet5": 2, "convnet6": 2,
-                "resnet18": 4, "resnet101": 2, "resnet18_imagenet": 2, "mobilenet_v2": 2, "efficientnet_b0": 2}
+                "resnet18": 4, "resnet50": 2, "resnet101": 2, "resnet18_imagenet": 2, "resnet50_imagenet": 2,
+                "resnet101_imagenet": 2, "mobilenet_v2": 2, "efficientnet_b0": 2}
 FLATTENED = {"convnet", "convnet3", "convnet4", "convnet5", "convnet6"}
 
 _cache: dict[str, tuple[Net, torch.Tensor]] = {}

@@ -438,3 +438,22 @@ def test_cluster_pick_takes_the_best_of_each_cluster():
     for seed in range(5):
         assert cluster_pick(f, score, 2, torch.Generator().manual_seed(seed)).tolist() == [0, 4]
     assert cluster_pick(f, score, 9, torch.Generator().manual_seed(0)).tolist() == [0, 1, 4, 3, 2]
+
+
+def test_distill_decodes_a_folder_at_the_teachers_resolution(tmp_path, digits_teacher, capsys):
+    """Larger photos than the teacher takes are resized as they are decoded, not held at full size and refused
+    afterwards; a teacher that recorded other training files is named in a warning."""
+    from conftest import write_png
+    rng = np.random.default_rng(0)
+    from nrrdd.checkpoint import read_meta
+    classes = read_meta(digits_teacher)["classes"]
+    for split, n in (("train", 3), ("test", 1)):
+        for c in classes:
+            for i in range(n):
+                write_png(tmp_path / "photos" / split / c / f"{i}.png", rng, 48)
+    cfg = preset_config("random", {"ipc": 1})
+    r = distill(str(tmp_path / "photos"), digits_teacher, cfg, tmp_path / "out", preset="random", device="cpu",
+                progress=False)
+    assert r["data"]["train"]["image_size"] == 32
+    assert Image.open(tmp_path / "out" / r["images"][0]).size == (32, 32)
+    assert "warning" not in capsys.readouterr().err  # the digits teacher recorded no files to compare

@@ -131,3 +131,46 @@ def test_one_cycle_schedule():
     assert lrs[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert min(lrs) >= 0
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_imported_torchvision_teacher_computes_what_torchvision_computes(tmp_path, arch):
+    """A randomly initialised torchvision model saved as a plain state dict, imported, loads back as a Net
+    whose outputs equal torchvision's on the same inputs."""
+    import torchvision
+
+    from nrrdd.cli import main
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(weights=None, num_classes=4).eval()
+    torch.save(ref.state_dict(), tmp_path / "w.pth")
+    (tmp_path / "classes.txt").write_text("ant\nbee\ncat\ndog\n")
+    assert main(["import-teacher", "--arch", arch, "--weights", str(tmp_path / "w.pth"), "--classes",
+                 str(tmp_path / "classes.txt"), "--image-size", "64", "--out", str(tmp_path / "t.safetensors")]) == 0
+    net, meta = load_model(tmp_path / "t.safetensors", classes=["ant", "bee", "cat", "dog"])
+    assert meta["image_size"] == 64 and meta["mean"] == [0.485, 0.456, 0.406]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x))
+
+
+def test_import_teacher_refuses_code_and_misfits_in_one_line(tmp_path, capsys):
+    import torchvision
+
+    from nrrdd.cli import main
+    classes = tmp_path / "data" / "train"
+    for c in ("a", "b"):
+        (classes / c).mkdir(parents=True)
+    torch.save({"model": torchvision.models.resnet18(weights=None, num_classes=3).state_dict()}, tmp_path / "w3.pth")
+    torch.save({"fn": print}, tmp_path / "code.pth")  # unpickling it would need arbitrary globals
+    out = tmp_path / "t.safetensors"
+    for weights, why in (("w3.pth", "does not fit a torchvision resnet18 with 2 classes"),
+                         ("code.pth", "not a plain state dict"), ("absent.pth", "file not found")):
+        assert main(["import-teacher", "--arch", "resnet18", "--weights", str(tmp_path / weights), "--classes",
+                     str(tmp_path / "data"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    (tmp_path / "mine.safetensors").write_text("not a checkpoint")
+    assert main(["import-teacher", "--arch", "resnet18", "--weights", str(tmp_path / "w3.pth"), "--classes",
+                 str(tmp_path / "data"), "--out", str(tmp_path / "mine.safetensors"), "--overwrite"]) == 2
+    assert (tmp_path / "mine.safetensors").read_text() == "not a checkpoint"

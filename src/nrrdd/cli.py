@@ -39,6 +39,15 @@ def cmd_train_teacher(a) -> int:
     return 0
 
 
+def cmd_import_teacher(a) -> int:
+    from nrrdd.teacher import IMAGENET_MEAN, IMAGENET_STD, class_names, import_teacher
+    meta = import_teacher(a.arch, a.weights, class_names(a.classes), a.out, a.image_size, a.mean or IMAGENET_MEAN,
+                          a.std or IMAGENET_STD, overwrite=a.overwrite)
+    print(f"teacher {meta['arch']} ({len(meta['classes'])} classes, {meta['image_size']} px) from {a.weights} -> "
+          f"{a.out}")
+    return 0
+
+
 def cmd_distill(a) -> int:
     from nrrdd.config import preset_config
     from nrrdd.distill import distill
@@ -195,6 +204,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(s, TeacherConfig, "teacher recipe")
     _common(s)
     s.set_defaults(fn=cmd_train_teacher)
+
+    s = sub.add_parser("import-teacher", help="turn a standard torchvision checkpoint (.pth) into an nrrdd teacher",
+                       description="Read a torchvision model's state dict (weights_only: a pickle that would run "
+                       "code is refused) and write it as an nrrdd teacher (safetensors with the class names, input "
+                       "size and normalisation that distill, relabel and evaluate need).")
+    s.add_argument("--arch", required=True, help="torchvision architecture: resnet18, resnet50, resnet101, "
+                   "mobilenet_v2, efficientnet_b0")
+    s.add_argument("--weights", required=True, help="the checkpoint: a state dict saved with torch.save")
+    s.add_argument("--classes", required=True, help="class names in the order of the model's outputs: a text file "
+                   "(one per line) or the image folder whose sorted class folders they are")
+    s.add_argument("--image-size", type=int, default=224, help="input side in pixels (default: 224)")
+    s.add_argument("--mean", type=float, nargs=3, help="input normalisation mean (default: ImageNet's)")
+    s.add_argument("--std", type=float, nargs=3, help="input normalisation std (default: ImageNet's)")
+    s.add_argument("--out", required=True, help="the teacher .safetensors to write")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it is an nrrdd checkpoint")
+    s.set_defaults(fn=cmd_import_teacher)
 
     s = sub.add_parser("distill", help="synthesise a distilled set (PNG class folders + manifest + pictures)",
                        description="Select and stitch real patches (CIDD/RDED), refine them (NRR/SRe2L) and write "

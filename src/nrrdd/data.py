@@ -118,9 +118,18 @@ class _Tree:
 
     def stat_key(self, rels: list[str]) -> str:
         """Cheap fingerprint of the listed files (names, sizes, times) for cache invalidation."""
+        return self._digest(rels, times=True)
+
+    def content_key(self, rels: list[str]) -> str:
+        """Fingerprint of the listed files that survives a copy (names and sizes; CRCs in a zip): tells whether
+        a teacher saw these files, where stat_key only guards the cache."""
+        return self._digest(rels, times=False)
+
+    def _digest(self, rels: list[str], times: bool) -> str:
         if self.zip is None:
-            parts = [f"{r}:{(s := os.stat(os.path.join(self.root, r))).st_size}:{s.st_mtime_ns}" for r in rels]
-        else:
+            stats = [(r, os.stat(os.path.join(self.root, r))) for r in rels]
+            parts = [f"{r}:{s.st_size}" + (f":{s.st_mtime_ns}" if times else "") for r, s in stats]
+        else:  # a member's CRC is its content: the same with or without times
             info = {i.filename: i for i in self.zip.infolist()}
             parts = [f"{r}:{(i := info['/'.join(p for p in (self.prefix, r) if p)]).file_size}:{i.CRC}" for r in rels]
         return sha256_bytes("\n".join(parts).encode())
@@ -186,7 +195,8 @@ def load_image_folder(root, size: int | None = None, use_cache: bool = True,
     # the source path is part of the key: look-alike trees (train/ and test/ unpacked from one archive, with
     # the same names, sizes and times) must not share a cache entry
     cache = cache_dir() / f"{sha256_bytes(f'{os.path.abspath(tree.where())}:{key}:{size}'.encode())[:24]}.npz"
-    info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size}
+    info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size,
+            "files_digest": tree.content_key([r for r, _ in items])}
     if use_cache and cache.exists():
         with np.load(cache) as z:
             return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])), classes, info
@@ -371,6 +381,19 @@ def load_arrays(path) -> tuple[Split, Split, list[str], dict]:
         train = Split(torch.from_numpy(z["train_images"]), torch.from_numpy(z["train_labels"]).long())
         test = Split(torch.from_numpy(z["test_images"]), torch.from_numpy(z["test_labels"]).long())
         return train, test, [str(c) for c in z["classes"]], {"source": str(path)}
+
+
+def data_mismatch(trained_on: dict, given: dict) -> str | None:
+    """Why a teacher's recorded data (its `data_info`) is not the data set given, or None: other training files,
+    or another validation split (then some validation images may be ones it trained on)."""
+    a, b = (trained_on.get("train") or {}).get("files_digest"), (given.get("train") or {}).get("files_digest")
+    if a and b and a != b:
+        return "it was trained on other training files"
+    split = ("val_fraction", "split_seed")
+    if all(k in trained_on and k in given for k in split) and any(trained_on[k] != given[k] for k in split):
+        return (f"it was trained with validation split {[trained_on[k] for k in split]}, not "
+                f"{[given[k] for k in split]}, so validation images may be ones it saw")
+    return None
 
 
 def load_distilled(path, verify: bool = True) -> tuple[Split, list[str], dict]:

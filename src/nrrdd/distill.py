@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import resource
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from tqdm import tqdm
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, read_meta
 from nrrdd.config import SynthConfig, to_dict
-from nrrdd.data import Dataset, load_dataset
+from nrrdd.data import Dataset, data_mismatch, load_dataset
 from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.refine import refine_images, refinement_mask, to_uint8
@@ -40,7 +41,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
             device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them."""
     out = Path(out_dir)
-    read_meta(teacher_path)  # a missing or foreign teacher file fails before anything is decoded
+    teacher_meta = read_meta(teacher_path)  # a missing or foreign teacher file fails before anything is decoded
     settings = {"config": to_dict(cfg), "data": data.name if isinstance(data, Dataset) else data,
                 "teacher_sha256": sha256_file(teacher_path)}
     state = check_out(out, "distill", settings, overwrite, resume, inputs=[teacher_path, settings["data"]])
@@ -50,8 +51,13 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     init_from_env(dev)
     progress = progress and is_main()
     t0 = time.time()
-    ds = data if isinstance(data, Dataset) else load_dataset(data, progress=progress)
+    # decoded at the teacher's resolution: a folder of large photos is resized once, never held at full size
+    ds = data if isinstance(data, Dataset) else load_dataset(data, teacher_meta["image_size"], progress=progress)
     teacher, meta = load_model(teacher_path, classes=ds.classes, device=dev)
+    why = data_mismatch(meta.get("data_info") or {}, ds.info)
+    if why and is_main():
+        print(f"warning: {teacher_path} may not fit {ds.name}: {why} (same class names); distilling anyway",
+              file=sys.stderr)
     if meta["image_size"] != ds.image_size:
         raise NrrddError(f"{teacher_path}: teacher expects {meta['image_size']} px images, the data has "
                          f"{ds.image_size} px")

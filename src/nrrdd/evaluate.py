@@ -173,7 +173,7 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     spec_name = cfg.data or record.get("data", {}).get("spec")
     if not spec_name:
         raise NrrddError(f"{distilled}: no distill.json names the data set; pass --data for the test split")
-    ds = data or load_dataset(spec_name, progress=progress)
+    ds = data or load_dataset(spec_name, split.images.shape[-1], progress=progress)  # at the distilled size
     if classes != ds.classes:
         raise NrrddError(f"{distilled}: distilled classes {classes} do not match the test set's {ds.classes}")
     teacher, meta = (load_model(teacher_path, classes=ds.classes, device=dev) if teacher_path else (None, {}))

@@ -116,33 +116,35 @@ def _resnet(arch: str, num_classes: int, channels: int, cifar: bool) -> Net:
         m.maxpool = nn.Identity()
     elif channels != 3:
         m.conv1 = nn.Conv2d(channels, 64, 7, 2, 3, bias=False)
+    return wrap_resnet(m)
+
+
+def wrap_resnet(m: nn.Module) -> Net:
+    """A torchvision ResNet as a Net, sharing its modules (and so its weights)."""
     feats = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2, m.layer3, m.layer4)
     return Net(feats, m.fc, pooled=True)
 
 
-@register("resnet18")
-def resnet18(num_classes, image_size, channels, **_):
-    """CIFAR-style ResNet-18 for inputs up to 64 px; ImageNet-style (7x7 stem, max-pool) above."""
-    return _resnet("resnet18", num_classes, channels, cifar=image_size <= 64)
+for _arch in ("resnet18", "resnet50", "resnet101"):
+    # CIFAR-style (3x3 stem, no max-pool) for inputs up to 64 px, ImageNet-style (7x7 stem, max-pool) above;
+    # <arch>_imagenet always ImageNet-style (a pretrained checkpoint at any resolution)
+    register(_arch)(lambda num_classes, image_size, channels, _arch=_arch, **_:
+                    _resnet(_arch, num_classes, channels, cifar=image_size <= 64))
+    register(f"{_arch}_imagenet")(lambda num_classes, image_size, channels, _arch=_arch, **_:
+                                  _resnet(_arch, num_classes, channels, cifar=False))
 
 
-@register("resnet101")
-def resnet101(num_classes, image_size, channels, **_):
-    return _resnet("resnet101", num_classes, channels, cifar=image_size <= 64)
-
-
-@register("resnet18_imagenet")
-def resnet18_imagenet(num_classes, image_size, channels, **_):
-    return _resnet("resnet18", num_classes, channels, cifar=False)
+def wrap_torchvision_features(m: nn.Module) -> Net:
+    """MobileNet / EfficientNet as a Net: `features`, then the last layer of `classifier` (Dropout + Linear)."""
+    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
 
 
 def _torchvision_net(m: nn.Module, channels: int) -> Net:
-    """MobileNet / EfficientNet: features[0][0] is the stem conv, classifier = Dropout + Linear."""
-    stem = m.features[0][0]
+    stem = m.features[0][0]  # the stem conv
     if channels != stem.in_channels:
         m.features[0][0] = nn.Conv2d(channels, stem.out_channels, stem.kernel_size, stem.stride, stem.padding,
                                      bias=False)
-    return Net(m.features, m.classifier[-1], pooled=True, dropout=m.classifier[0].p)
+    return wrap_torchvision_features(m)
 
 
 @register("mobilenet_v2")
@@ -153,3 +155,8 @@ def mobilenet_v2(num_classes, image_size, channels, **_):
 @register("efficientnet_b0")
 def efficientnet_b0(num_classes, image_size, channels, **_):
     return _torchvision_net(torchvision.models.efficientnet_b0(weights=None, num_classes=num_classes), channels)
+
+
+# torchvision architectures whose standard (ImageNet) checkpoints `nrrdd import-teacher` reads: name -> wrapper
+TORCHVISION = {"resnet18": wrap_resnet, "resnet50": wrap_resnet, "resnet101": wrap_resnet,
+               "mobilenet_v2": wrap_torchvision_features, "efficientnet_b0": wrap_torchvision_features}

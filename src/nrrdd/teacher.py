@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nrrdd import NrrddError
 from nrrdd.checkpoint import save_model
 from nrrdd.config import TeacherConfig, to_dict
 from nrrdd.data import Dataset, load_dataset, random_crop_flip
-from nrrdd.files import read_json, write_json
+from nrrdd.files import read_json, sha256_file, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.runtime import pick_device, provenance, seed_everything
@@ -74,3 +75,64 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
     write_json(out / "results.json", results)
     finish_out(out, "train-teacher", settings, {"kind": "teacher"})
     return results
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def class_names(spec) -> list[str]:
+    """Class names in output order: a text file (one per line) or an image folder (its sorted class folders,
+    or those of its train/)."""
+    path = Path(spec)
+    if path.is_file():
+        names = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    elif path.is_dir():
+        root = path / "train" if (path / "train").is_dir() else path
+        names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    else:
+        raise NrrddError(f"--classes {spec}: neither a file of class names nor a folder of class folders")
+    if len(set(names)) != len(names) or not names:
+        raise NrrddError(f"--classes {spec}: {len(names)} names, {len(names) - len(set(names))} repeated")
+    return names
+
+
+def import_teacher(arch: str, weights, classes: list[str], out, image_size: int = 224, mean=IMAGENET_MEAN,
+                   std=IMAGENET_STD, overwrite: bool = False) -> dict:
+    """A standard torchvision checkpoint (a state dict, read with weights_only: no code runs) as an nrrdd
+    teacher: safetensors with the metadata distill, relabel and evaluate read (classes, input size,
+    normalisation). The wrapped net computes exactly what the torchvision model computes."""
+    import torchvision
+
+    from nrrdd.models import TORCHVISION
+    if arch not in TORCHVISION:
+        raise NrrddError(f"--arch {arch}: import-teacher reads torchvision's {', '.join(TORCHVISION)}")
+    out, weights = Path(out), Path(weights)
+    if out.exists() and not overwrite:
+        raise NrrddError(f"--out {out}: exists; pass --overwrite to replace it (only an nrrdd checkpoint)")
+    if out.exists():
+        from nrrdd.checkpoint import read_meta
+        read_meta(out)  # refuses a file that is not an nrrdd checkpoint
+    if not weights.is_file():
+        raise NrrddError(f"--weights {weights}: file not found")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with code, or not a torch file at all
+        raise NrrddError(f"--weights {weights}: not a plain state dict ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]})") from None
+    state = state.get("state_dict", state.get("model", state)) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise NrrddError(f"--weights {weights}: expected a dict of tensors (a state dict)")
+    m = getattr(torchvision.models, arch)(weights=None, num_classes=len(classes))
+    try:
+        m.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    except RuntimeError as e:
+        why = " ".join(str(e).split())[:400]
+        raise NrrddError(f"--weights {weights}: does not fit a torchvision {arch} with {len(classes)} classes: "
+                         f"{why}") from None
+    net = TORCHVISION[arch](m)
+    registered = f"{arch}_imagenet" if arch.startswith("resnet") else arch  # the stem the weights were made for
+    meta = {"arch": registered, "classes": classes,
+            "image_size": image_size, "channels": 3, "mean": list(mean), "std": list(std),
+            "imported_from": {"torchvision": arch, "weights": str(weights), "sha256": sha256_file(weights)}}
+    save_model(out, net.eval(), meta)
+    return meta
