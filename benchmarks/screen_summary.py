@@ -27,8 +27,8 @@ def recipe_of(r: dict) -> tuple:
 
 def synthesis_of(r: dict) -> str:
     """The synthesis settings in which a record's distilled set differs from its preset (beta is in the recipe)."""
-    from nrrdd.config import preset_config, to_dict
-    made = r.get("distilled_config") or {}
+    from nrrdd.config import effective_settings, preset_config, to_dict
+    made = effective_settings(r.get("distilled_config") or {})
     try:
         preset = to_dict(preset_config(r.get("preset")))
     except Exception:  # a plain folder or a preset renamed since: show none
@@ -55,14 +55,15 @@ NOTE = ("CIFAR-10, IPC 10, ConvNet-3 students with online soft labels (T = 20) f
 
 def write_summary(folder: Path, note: str = NOTE) -> None:
     """<folder>.md beside the folder: one row per record, each preset's gain over the random row of its recipe."""
+    from nrrdd.report import matched_difference
     trials = [{**json.loads(f.read_text()), "_file": f.name} for f in sorted(folder.glob("*.json"))]
     trials = [t for t in trials if t.get("kind") == "evaluation"]
     random = {recipe_of(t): t for t in trials if t.get("preset") == "random"}
-    lines = ["| recipe | preset | seeds | val top-1 | val, seed 0 | gain over random (val) | test top-1 | wall (s) | file |",
+    lines = ["| recipe | preset | seeds | val top-1 | val, seed 0 | gain over random (val, same seeds) | test top-1 | wall (s) | file |",
              "|---|---|---|---|---|---|---|---|---|"]
     for t in sorted(trials, key=lambda t: (recipe_of(t), t.get("preset") != "random", t.get("preset"))):
         base = random.get(recipe_of(t))
-        gain = "—" if base is None or base is t else f"{t['val_mean'] - base['val_mean']:+.2f}"
+        gain = "—" if base is None or base is t else f"{matched_difference(t, base, 'val_acc'):+.2f}"
         seed0 = next(r["val_acc"] for r in t["per_seed"] if r["seed"] == 0)
         preset = t.get("preset") + (f" ({synthesis_of(t)})" if synthesis_of(t) else "")
         lines.append(f"| {describe(recipe_of(t))} | {preset} | {len(t['seeds'])} | {t['val_mean']:.2f} | "

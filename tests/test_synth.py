@@ -457,3 +457,13 @@ def test_distill_decodes_a_folder_at_the_teachers_resolution(tmp_path, digits_te
     assert r["data"]["train"]["image_size"] == 32
     assert Image.open(tmp_path / "out" / r["images"][0]).size == (32, 32)
     assert "warning" not in capsys.readouterr().err  # the digits teacher recorded no files to compare
+
+
+def test_effective_settings_drop_what_cannot_shape_the_images():
+    from nrrdd.config import effective_settings, to_dict
+    random = effective_settings(to_dict(preset_config("random", {"lr": 0.01, "pool_per_class": 9})))
+    assert "lr" not in random and "pool_per_class" not in random and random["init"] == "random"
+    cidd = effective_settings(to_dict(preset_config("cidd", {"lr": 0.01})))
+    assert "lr" not in cidd and cidd["pool_per_class"] == 300
+    nrrdd = effective_settings(to_dict(preset_config("nrrdd")))
+    assert nrrdd["lr"] == 0.003 and nrrdd["select"] == "highest"

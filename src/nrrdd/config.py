@@ -187,6 +187,19 @@ class SynthConfig:
         at_least_one(self, "ipc", "pool_per_class", "crops_per_image", "top_t", "refine_batch")
 
 
+SELECTION_FIELDS = ("pool_per_class", "crops_per_image", "crop_scale_min", "crop_score", "top_t", "select")
+REFINE_FIELDS = ("epsilon", "iterations", "lr", "adam_beta1", "adam_beta2", "alpha_bn", "first_bn_weight",
+                 "refine_crop_min", "refine_flip", "refine_batch", "alpha_lr", "lr_threshold")
+
+
+def effective_settings(cfg: dict) -> dict:
+    """The synthesis settings that shape the images: patch selection only matters for init=patches, the
+    refinement's only when something is refined (two sets that differ elsewhere are the same set)."""
+    inert = (SELECTION_FIELDS if cfg.get("init") != "patches" else ()) + \
+        (REFINE_FIELDS if cfg.get("refine") == "none" or cfg.get("iterations") == 0 else ())
+    return {k: v for k, v in cfg.items() if k not in inert}
+
+
 PRESETS: dict[str, dict] = {
     # CIDD + NRR. The SynthConfig defaults are the values the validation search chose on CIFAR-10 IPC 10
     # (benchmarks/results/cifar10_convnet_nols15/chosen.json).
