@@ -76,6 +76,29 @@ def test_two_process_relabel_matches_single(setup, distilled):
         assert (root / "rl1" / name).read_bytes() == (root / "rl2" / name).read_bytes()
 
 
+def test_sharded_labels_from_two_ranks_teach_the_same_students(setup, distilled):
+    """With shards of one epoch (20 images x 2 fp16 distances = 80 bytes), each of 2 ranks writes its own;
+    a student reading them one at a time trains bit for bit as one reading a single file."""
+    root, env, teacher = setup
+    args = ["relabel", "--distilled", str(root / "one"), "--teacher", teacher, "--label-mode", "dbr",
+            "--epochs", "3", "--device", "cpu", "--quiet"]
+    _run(args + ["--out", str(root / "single")], env)
+    _run(args + ["--out", str(root / "shards"), "--shard-mb", str(100 / (1 << 20))], env, nproc=2)
+    shards = sorted(p.name for p in (root / "shards").glob("labels_dbr*.safetensors"))
+    assert shards == [f"labels_dbr.e{e:05d}-{e + 1:05d}.safetensors" for e in range(3)]
+    whole = load_file(str(root / "single" / "labels_dbr.safetensors"))
+    for e, name in enumerate(shards):
+        part = load_file(str(root / "shards" / name))
+        assert all(torch.equal(part[k][0], whole[k][e]) for k in whole)
+    ev = ["evaluate", "--distilled", str(root / "one"), "--teacher", teacher, "--label-mode", "dbr", "--epochs",
+          "3", "--seeds", "1", "--width", "16", "--device", "cpu", "--quiet"]
+    for labels in ("single", "shards"):
+        _run(ev + ["--labels", str(root / labels), "--out", str(root / f"ev_{labels}")], env)
+    one, two = (json.loads((root / f"ev_{d}" / "results.json").read_text()) for d in ("single", "shards"))
+    assert one["per_seed"][0]["weights_sha256"] == two["per_seed"][0]["weights_sha256"]
+    assert two["labels"]["label_shards"] == 3 and two["labels"]["payload_bytes"] == one["labels"]["payload_bytes"]
+
+
 def test_two_process_evaluate_splits_seeds_bit_identically(setup, distilled):
     root, env, teacher = setup
     args = ["evaluate", "--distilled", str(root / "one"), "--teacher", teacher, "--seeds", "3", "--epochs", "2",

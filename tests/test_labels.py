@@ -19,8 +19,7 @@ from nrrdd.distill import distill
 from nrrdd.evaluate import evaluate, label_accounting, load_labels, store_labels
 from nrrdd.files import verify_dir
 from nrrdd.models import create_model
-from nrrdd.relabel import (MODES, PlanSpec, label_slice, make_plan, mixed_batch, stored_modes, student_loss,
-                           teacher_payload)
+from nrrdd.relabel import MODES, PlanSpec, make_plan, mixed_batch, stored_modes, student_loss, teacher_payload
 
 
 MEAN, STD = (0.5, 0.4, 0.45), (0.25, 0.3, 0.2)
@@ -266,10 +265,10 @@ def small_teacher():
     return create_model("convnet3", 10, 16, 3, width=8).set_stats(MEAN, STD).eval()
 
 
-def _store(tmp_path, teacher, mode, topk=2, epochs=2):
+def _store(tmp_path, teacher, mode, topk=2, epochs=2, shard_mb=256.0):
     images, labels = _images(n=20, size=16, classes=10)
     spec = PlanSpec(20, epochs, 8, 16, "cutmix", 1.0, 1.0, True, 0)
-    cfg = StudentConfig(label_mode=mode, topk=topk)
+    cfg = StudentConfig(label_mode=mode, topk=topk, shard_mb=shard_mb)
     info = store_labels(tmp_path, teacher, images, labels, spec, cfg, progress=False)
     return info, images, labels, spec
 
@@ -285,22 +284,23 @@ def test_store_labels_accounting(tmp_path, small_teacher, mode, ratio, per_sampl
     assert info["label_file"] == f"labels_{mode}.safetensors"
     assert info["label_file_bytes"] == (tmp_path / info["label_file"]).stat().st_size
     assert info["bookkeeping_bytes"] == (tmp_path / "plan.safetensors").stat().st_size
-    payload, meta = load_labels(tmp_path, mode, spec, images)
-    again = label_accounting(tmp_path / info["label_file"], info["bookkeeping_bytes"], payload, spec, 10)
-    assert again == info
-    assert meta["mode"] == mode
+    _, meta = load_labels(tmp_path, mode, spec, images)
+    assert label_accounting(tmp_path, mode, info["bookkeeping_bytes"], spec, 10, per_sample) == info
+    assert meta["mode"] == mode and info["label_shards"] == 1
 
 
-def test_stored_dbr_labels_follow_the_replayed_batches(tmp_path, small_teacher):
-    info, images, labels, spec = _store(tmp_path, small_teacher, "dbr")
-    payload, _ = load_labels(tmp_path, "dbr", spec, images)
-    assert payload["d_org"].shape == (2, 20) and payload["d_org"].dtype == torch.float16
+@pytest.mark.parametrize("shard_mb", [256.0, 80 / (1 << 20)])  # one file; one epoch per file (20 x 4 bytes)
+def test_stored_dbr_labels_follow_the_replayed_batches(tmp_path, small_teacher, shard_mb):
+    info, images, labels, spec = _store(tmp_path, small_teacher, "dbr", epochs=3, shard_mb=shard_mb)
+    stored, _ = load_labels(tmp_path, "dbr", spec, images)
+    assert info["label_shards"] == (1 if shard_mb > 1 else 3)
+    assert stored.epoch(2)["d_org"].shape == (20,) and stored.epoch(2)["d_org"].dtype == torch.float16
     plan = make_plan(spec)
-    for e, b in ((0, 0), (1, 2)):
+    for e, b in ((0, 0), (1, 2), (2, 1)):
         x, y_org, y_aug, _ = mixed_batch(images, labels, plan, spec, e, b, MEAN, STD)
         with torch.no_grad():
             z = small_teacher(x)
-        lab = label_slice(payload, spec, e, b, "cpu")
+        lab = stored.batch(e, slice(b * spec.batch_size, (b + 1) * spec.batch_size), "cpu")
         for i, row in enumerate(z.tolist()):
             assert float(lab["d_org"][i]) == pytest.approx(_ce_by_hand(row, int(y_org[i])), rel=2e-3, abs=1e-3)
             assert float(lab["d_aug"][i]) == pytest.approx(_ce_by_hand(row, int(y_aug[i])), rel=2e-3, abs=1e-3)
@@ -319,6 +319,18 @@ def test_load_labels_refuses_other_images_or_plan(tmp_path, small_teacher):
             load_labels(tmp_path, "dbr", changed, images)
     with pytest.raises(NrrddError, match="no stored 'compact' labels"):
         load_labels(tmp_path, "compact", spec, images)
+
+
+def test_shards_are_equal_to_one_file_and_must_cover_every_epoch(tmp_path, small_teacher):
+    one, images, _, spec = _store(tmp_path / "one", small_teacher, "compact", epochs=5)
+    many, *_ = _store(tmp_path / "many", small_teacher, "compact", epochs=5, shard_mb=2 * 20 * 8 / (1 << 20))
+    assert many["label_shards"] == 3 and many["payload_bytes"] == one["payload_bytes"]  # epochs 0-2, 2-4, 4-5
+    a, b = (load_labels(tmp_path / d, "compact", spec, images)[0] for d in ("one", "many"))
+    for e in range(5):
+        assert all(torch.equal(a.epoch(e)[k], b.epoch(e)[k]) for k in a.epoch(e))
+    (tmp_path / "many" / "labels_compact.e00002-00004.safetensors").unlink()  # a shard lost
+    with pytest.raises(NrrddError, match=r"do not cover epochs 0-5"):
+        load_labels(tmp_path / "many", "compact", spec, images)
 
 
 # ---------------------------------------------------------------- evaluate end to end

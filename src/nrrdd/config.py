@@ -245,6 +245,9 @@ class StudentConfig:
     r: float = help_field(0.3, "DBR hinge threshold r (Eq. 10)")
     alpha_dbr: float = help_field(1.0, "DBR weight alpha_dbr of the distance-matching term (Eq. 9)")
     topk: int = help_field(2, "entries kept per sample by compact labels")
+    shard_mb: float = help_field(256.0, "stored labels are written as files of at most this many MB of payload (an "
+                                 "epoch range each; under torchrun each rank writes its own) and students read one "
+                                 "at a time, so memory stays flat however many epochs x images are labelled")
     ema: float = help_field(0.0, "decay per step of an exponential moving average of the student's weights, which "
                             "is then evaluated instead of the final weights (0: off)")
     baseline: str = help_field("none", "random: also train the same students, with the same labels and plan, on "
@@ -263,6 +266,8 @@ class StudentConfig:
     def __post_init__(self):
         check_fields(self)
         at_least_one(self, "epochs", "seeds", "checkpoint_every", "topk")
+        if self.shard_mb <= 0:
+            raise NrrddError(f"setting shard_mb (--shard-mb) = {self.shard_mb}: must be positive")
         if not 0 <= self.ema < 1:
             raise NrrddError(f"setting ema (--ema) = {self.ema}: a decay in [0, 1) (0: off)")
 
@@ -272,7 +277,7 @@ class StudentConfig:
 
 # What relabel reads of a student recipe: the label plan and what each mode stores, nothing of training.
 RELABEL_FIELDS = ("label_mode", "epochs", "batch_size", "mix", "mix_alpha", "crop_min", "flip", "unstitch", "plan_seed",
-                  "topk")
+                  "topk", "shard_mb")
 
 
 def images_per_class(num_images: int, num_classes: int, recorded: int | None = None) -> int:

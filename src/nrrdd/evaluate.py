@@ -18,8 +18,8 @@ from nrrdd.files import read_json, sha256_bytes, sha256_file, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.refine import to_uint8
-from nrrdd.relabel import (PlanSpec, images_digest, label_accounting, label_mode, label_slice, load_labels, make_plan,
-                           mixed_batch, store_labels, student_loss, student_set)
+from nrrdd.relabel import (PlanSpec, StoredLabels, images_digest, label_accounting, label_mode, load_labels, make_plan,
+                           mixed_batch, sample_bytes, store_labels, student_loss, student_set)
 from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance, rank, world
 from nrrdd.selection import check_enough_images, initial_images
 from nrrdd.training import TrainState, accuracy, check_finite, cosine, ema_copy, ema_update, param_groups
@@ -33,7 +33,6 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
     model after the final epoch (with `cfg.ema`,
     the moving average of its weights instead). With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
     plan = {k: v.to(device) for k, v in make_plan(spec).items()}
-    payload = {k: v.to(device) for k, v in (payload or {}).items()}
     mode = label_mode(cfg.label_mode)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -64,12 +63,16 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
         for group in opt.param_groups:
             group["lr"] = cfg.lr * cosine(epoch, spec.epochs, cfg.cosine_span)
         for b in range(nb):
-            x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, model.mean, model.std))
+            x, y_org, y_aug, lam = (t[rows] for t in mixed_batch(images, labels, plan, spec, epoch, b, model.mean,
+                                                                 model.std))
             if mode.teacher_online:
                 with torch.no_grad():
                     label = {"logits": teacher(x)}
-            else:
-                label = {k: v[rows] for k, v in label_slice(payload, spec, epoch, b, device).items()}
+            elif payload is not None:
+                batch = slice(b * spec.batch_size, (b + 1) * spec.batch_size)
+                label = {k: v[rows] for k, v in payload.batch(epoch, batch, device).items()}
+            else:  # hard labels: the plan's classes are all there is
+                label = {}
             loss = student_loss(cfg.label_mode, net(x), y_org, y_aug, lam, label, cfg, num_classes)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -85,8 +88,9 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
 # ---------------------------------------------------------------- evaluate: several seeds, one results file
 
 def recipe(settings: dict) -> dict:
-    """What makes two runs' per-seed results interchangeable: all but which seeds run and how often to save."""
-    return {k: v for k, v in settings.items() if k not in ("seeds", "first_seed", "checkpoint_every")}
+    """What makes two runs' per-seed results interchangeable: all but which seeds run and how often to save
+    (checkpoints, label shards)."""
+    return {k: v for k, v in settings.items() if k not in ("seeds", "first_seed", "checkpoint_every", "shard_mb")}
 
 
 def random_baseline(ds, teacher, record: dict, ipc: int, device) -> Split:
@@ -100,19 +104,20 @@ def random_baseline(ds, teacher, record: dict, ipc: int, device) -> Split:
 
 
 def labels_for(label_dir: Path, make: bool, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig,
-               progress: bool) -> tuple[dict | None, dict]:
-    """The stored-label payload a student reads (None for online or hard labels), relabelled here once when
-    `make` and not yet written; a resumed run reuses the file."""
+               progress: bool) -> tuple[StoredLabels | None, dict]:
+    """The stored labels a student reads (None for online or hard labels), relabelled here once when `make`
+    and not yet complete (the plan file comes last); a resumed run keeps the shards already written."""
     if not label_mode(cfg.label_mode).store:
         return None, {}
-    label_file = label_dir / f"labels_{cfg.label_mode}.safetensors"
-    if make and not label_file.exists():
+    plan_file = label_dir / "plan.safetensors"
+    if make and not plan_file.exists():
         label_dir.mkdir(parents=True, exist_ok=True)
         store_labels(label_dir, teacher, images, labels, spec, cfg, progress)
     barrier()
-    payload, _ = load_labels(label_dir, cfg.label_mode, spec, images)
-    return payload, label_accounting(label_file, (label_dir / "plan.safetensors").stat().st_size, payload, spec,
-                                     int(labels.max()) + 1)
+    stored, _ = load_labels(label_dir, cfg.label_mode, spec, images)
+    num_classes = int(labels.max()) + 1
+    return stored, label_accounting(label_dir, cfg.label_mode, plan_file.stat().st_size, spec, num_classes,
+                                    sample_bytes(cfg.label_mode, num_classes, cfg))
 
 
 def train_seeds(folder: Path, name: str, images, labels, spec: PlanSpec, cfg: StudentConfig, seeds: list[int],

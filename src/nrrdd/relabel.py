@@ -23,7 +23,7 @@ from nrrdd.config import RELABEL_FIELDS, StudentConfig, auto_batch_size, images_
 from nrrdd.data import normalize
 from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
-from nrrdd.runtime import barrier, gather_to_all, init_from_env, is_main, mine, pick_device, provenance
+from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance
 
 
 @dataclass(frozen=True)
@@ -179,26 +179,57 @@ def student_loss(mode: str, logits: torch.Tensor, y_org, y_aug, lam, label: dict
 # ---------------------------------------------------------------- relabel: store the teacher's labels
 
 @torch.no_grad()
-def relabel(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spec: PlanSpec, cfg: StudentConfig,
-            progress: bool = True) -> dict[str, torch.Tensor]:
-    """Teacher labels for every mixed sample of the plan, as (E, N, ...) tensors of the mode's payload."""
+def label_epochs(teacher, images: torch.Tensor, labels: torch.Tensor, plan: dict, spec: PlanSpec,
+                 cfg: StudentConfig, epochs: range) -> dict[str, torch.Tensor]:
+    """Teacher labels for every mixed sample of the plan's `epochs`, as (len(epochs), N, ...) CPU tensors of
+    the mode's payload."""
     teacher.eval()
-    nb = plan["lam"].shape[1]
-    mine_epochs = {}
-    for e in tqdm(mine(range(spec.epochs)), desc=f"relabel {cfg.label_mode}", disable=not progress, leave=False):
+    out: dict[str, list] = {}
+    for e in epochs:
         chunks: dict[str, list] = {}
-        for b in range(nb):
+        for b in range(plan["lam"].shape[1]):
             x, y_org, y_aug, _ = mixed_batch(images, labels, plan, spec, e, b, teacher.mean, teacher.std)
             for k, v in teacher_payload(cfg.label_mode, teacher(x).float(), y_org, y_aug, cfg).items():
                 chunks.setdefault(k, []).append(v.cpu())
-        mine_epochs[e] = {k: torch.cat(v) for k, v in chunks.items()}
-    epochs = {e: p for part in gather_to_all(mine_epochs) for e, p in part.items()}  # ranks split the epochs
-    return {k: torch.stack([epochs[e][k] for e in range(spec.epochs)]) for k in epochs[0]}
+        for k, v in chunks.items():
+            out.setdefault(k, []).append(torch.cat(v))
+    return {k: torch.stack(v) for k, v in out.items()}
 
 
-def label_slice(payload: dict, spec: PlanSpec, epoch: int, b: int, device) -> dict:
-    sl = slice(b * spec.batch_size, (b + 1) * spec.batch_size)
-    return {k: v[epoch, sl].to(device) for k, v in payload.items()}
+def sample_bytes(mode: str, num_classes: int, cfg: StudentConfig) -> int:
+    """Payload bytes a stored mode keeps per mixed sample (what teacher_payload returns for one)."""
+    y = torch.zeros(1, dtype=torch.long)
+    return sum(v.element_size() * v.numel()
+               for v in teacher_payload(mode, torch.zeros(1, num_classes), y, y, cfg).values())
+
+
+def shard_ranges(spec: PlanSpec, per_sample: int, shard_bytes: int) -> list[tuple[int, int]]:
+    """Epoch ranges [a, b) of at most `shard_bytes` of payload each (at least one epoch)."""
+    k = max(1, shard_bytes // max(1, spec.num_images * per_sample))
+    return [(a, min(a + k, spec.epochs)) for a in range(0, spec.epochs, k)]
+
+
+def shard_name(mode: str, a: int, b: int, epochs: int) -> str:
+    """One shard keeps the plain name; several carry their epoch range."""
+    return f"labels_{mode}.safetensors" if (a, b) == (0, epochs) else f"labels_{mode}.e{a:05d}-{b:05d}.safetensors"
+
+
+class StoredLabels:
+    """A stored mode's payload, read one shard (epoch range) at a time: memory holds one shard, not every
+    epoch's labels."""
+
+    def __init__(self, shards: list[tuple[int, int, Path]]):
+        self.shards = sorted(shards)
+        self._held: tuple[int, int, dict] | None = None
+
+    def epoch(self, e: int) -> dict[str, torch.Tensor]:
+        if self._held is None or not self._held[0] <= e < self._held[1]:
+            a, b, f = next(s for s in self.shards if s[0] <= e < s[1])
+            self._held = (a, b, load_tensors(f))
+        return {k: v[e - self._held[0]] for k, v in self._held[2].items()}
+
+    def batch(self, e: int, rows: slice, device) -> dict[str, torch.Tensor]:
+        return {k: v[rows].to(device) for k, v in self.epoch(e).items()}
 
 
 # ---------------------------------------------------------------- stored labels on disk
@@ -225,42 +256,70 @@ def student_set(split, num_classes: int, record: dict, cfg: StudentConfig):
     return images, labels, plan_spec(cfg, len(labels), num_classes, images.shape[-1], ipc)
 
 
-def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig,
-                 progress=True) -> dict:
-    """Relabel the plan once and write plan.safetensors (bookkeeping) + labels_<mode>.safetensors (payload)."""
+
+def store_labels(out_dir, teacher, images, labels, spec: PlanSpec, cfg: StudentConfig, progress=True) -> dict:
+    """Relabel the plan once: plan.safetensors (bookkeeping) and the payload as labels_<mode>[.e<a>-<b>]
+    .safetensors, epoch ranges of at most cfg.shard_mb each. Under torchrun every rank labels and writes its
+    own shards (nothing is gathered); a shard already on disk (a killed run) is kept."""
     out_dir = Path(out_dir)
     plan = make_plan(spec)
-    payload = relabel(teacher, images, labels, plan, spec, cfg, progress)
+    num_classes = int(labels.max()) + 1
+    per_sample = sample_bytes(cfg.label_mode, num_classes, cfg)
     meta = {"plan": json.dumps(asdict(spec)), "images_sha256": images_digest(images.cpu()),
             "mode": cfg.label_mode, "topk": str(cfg.topk)}
-    label_file = out_dir / f"labels_{cfg.label_mode}.safetensors"
-    if not is_main():  # under torchrun, rank 0 writes what all ranks labelled
+    ranges = shard_ranges(spec, per_sample, int(cfg.shard_mb * (1 << 20)))
+    for a, b in tqdm(mine(ranges), desc=f"relabel {cfg.label_mode}", disable=not progress or len(ranges) == 1,
+                     leave=False):
+        f = out_dir / shard_name(cfg.label_mode, a, b, spec.epochs)
+        if not f.exists():
+            save_tensors(f, label_epochs(teacher, images, labels, plan, spec, cfg, range(a, b)),
+                         {**meta, "epochs": [a, b]})
+    barrier()
+    if not is_main():
         return {}
     plan_bytes = save_tensors(out_dir / "plan.safetensors", plan)
-    save_tensors(label_file, payload, meta)
-    return label_accounting(label_file, plan_bytes, payload, spec, int(labels.max()) + 1)
+    return label_accounting(out_dir, cfg.label_mode, plan_bytes, spec, num_classes, per_sample)
 
 
-def label_accounting(label_file: Path, plan_bytes: int, payload: dict, spec: PlanSpec, num_classes: int) -> dict:
-    payload_bytes = sum(v.numel() * v.element_size() for v in payload.values())
+def label_files(label_dir, mode: str) -> list[Path]:
+    return sorted(Path(label_dir).glob(f"labels_{mode}.safetensors")) + \
+        sorted(Path(label_dir).glob(f"labels_{mode}.e[0-9]*-[0-9]*.safetensors"))
+
+
+def label_accounting(label_dir, mode: str, plan_bytes: int, spec: PlanSpec, num_classes: int,
+                     per_sample: int) -> dict:
+    files = label_files(label_dir, mode)
+    payload_bytes = spec.epochs * spec.num_images * per_sample
     sl_bytes = spec.epochs * spec.num_images * num_classes * 2  # fp16 logits, C per mixed sample
-    return {"label_file": label_file.name, "label_file_bytes": label_file.stat().st_size,
-            "payload_bytes": payload_bytes, "bookkeeping_bytes": plan_bytes, "mixed_samples": spec.epochs * spec.num_images,
-            "sl_payload_bytes": sl_bytes, "ratio_vs_sl": round(sl_bytes / payload_bytes, 3)}
+    return {"label_file": files[0].name if len(files) == 1 else f"labels_{mode}.e*.safetensors",
+            "label_shards": len(files), "label_file_bytes": sum(f.stat().st_size for f in files),
+            "payload_bytes": payload_bytes, "bookkeeping_bytes": plan_bytes,
+            "mixed_samples": spec.epochs * spec.num_images, "sl_payload_bytes": sl_bytes,
+            "ratio_vs_sl": round(sl_bytes / payload_bytes, 3)}
 
 
-def load_labels(label_dir, mode: str, spec: PlanSpec, images: torch.Tensor) -> tuple[dict, dict]:
-    """Stored labels that belong to exactly this distilled set and plan, else a clear error."""
-    f = Path(label_dir) / f"labels_{mode}.safetensors"
-    if not f.exists():
-        raise NrrddError(f"{f}: no stored '{mode}' labels here; run nrrdd relabel --label-mode {mode} first")
-    meta = read_tensor_meta(f)
-    if meta.get("images_sha256") != images_digest(images.cpu()):
-        raise NrrddError(f"{f}: labels were made for other images than this distilled set; relabel it")
-    if json.loads(meta.get("plan", "{}")) != asdict(spec):
-        raise NrrddError(f"{f}: labels follow another plan ({meta.get('plan')}); the student recipe must match "
-                         "the one used by relabel (epochs, batch size, mix, crop, flip, plan seed)")
-    return load_tensors(f), meta
+def load_labels(label_dir, mode: str, spec: PlanSpec, images: torch.Tensor) -> tuple[StoredLabels, dict]:
+    """Stored labels that belong to exactly this distilled set and plan, their shards covering every epoch
+    once, else a clear error. Reads only the shards' headers."""
+    files = label_files(label_dir, mode)
+    if not files:
+        raise NrrddError(f"{Path(label_dir) / f'labels_{mode}.safetensors'}: no stored '{mode}' labels here; run "
+                         f"nrrdd relabel --label-mode {mode} first")
+    digest, shards = images_digest(images.cpu()), []
+    for f in files:
+        meta = read_tensor_meta(f)
+        if meta.get("images_sha256") != digest:
+            raise NrrddError(f"{f}: labels were made for other images than this distilled set; relabel it")
+        if json.loads(meta.get("plan", "{}")) != asdict(spec):
+            raise NrrddError(f"{f}: labels follow another plan ({meta.get('plan')}); the student recipe must match "
+                             "the one used by relabel (epochs, batch size, mix, crop, flip, plan seed)")
+        a, b = meta.get("epochs", [0, spec.epochs])  # files from before shards cover every epoch
+        shards.append((a, b, f))
+    covered = sorted((a, b) for a, b, _ in shards)
+    if [a for a, _ in covered] != [0] + [b for _, b in covered[:-1]] or covered[-1][1] != spec.epochs:
+        raise NrrddError(f"{label_dir}: the '{mode}' label shards {covered} do not cover epochs 0-{spec.epochs} "
+                         "exactly once; relabel into an empty folder")
+    return StoredLabels(shards), meta
 
 
 def relabel_set(distilled, teacher_path, cfg: StudentConfig, out_dir, device: str = "auto", resume: bool = False,

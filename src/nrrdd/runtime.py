@@ -114,15 +114,6 @@ def mine(items) -> list:
     return list(items)[rank()::world()]
 
 
-def gather_to_all(obj):
-    """List of every rank's `obj`, in rank order."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def source_digest() -> str:
     """sha256 over the package's own source files: names the code of a run even in a copy without .git."""
     h = hashlib.sha256()
