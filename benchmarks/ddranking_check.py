@@ -33,10 +33,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import platform
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -178,6 +178,36 @@ def lrs(ior: float, hlr: float, lam: float = 0.5) -> float:
     return label_robust_score(ior, hlr, lam)
 
 
+def write_table(record: dict, path: Path) -> None:
+    """The comparison as markdown beside the JSON record."""
+    proto = record["protocol"]
+    lines = ["| set | ours: nrrdd evaluate, test (final epoch) | DD-Ranking soft, final epoch | difference | "
+             "DD-Ranking soft (its figure: best test pass) | IOR | DD-Ranking hard | HLR | LRS |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in record["rows"].items():
+        ours = row.get("ours") or {}
+        mine = f"{ours['seed0_test']:.2f} (seed 0; `{ours['file']}`)" if ours else "-"
+
+        def cell(key, fmt="{:.2f}"):
+            return fmt.format(row[key]) if row.get(key) is not None else "-"
+        lines.append(f"| {name} | {mine} | {cell('ddranking_soft_final')} | {cell('difference_final', '{:+.2f}')} | "
+                     f"{cell('ddranking_soft_best')} | {cell('ior', '{:+.2f}')} | {cell('ddranking_hard_best')} | "
+                     f"{cell('hlr')} | {cell('lrs')} |")
+    full = proto["full_data_hard_label_acc"]
+    text = (f"# DD-Ranking {record['ddranking']} against `nrrdd evaluate`\n\nWritten by `{record['command']}` "
+            f"({record['wall_time_s'] / 60:.0f} min of this invocation; {record['machine_cpus']} CPU cores, "
+            f"{record['platform']}; git {record.get('git_commit') or record.get('source_sha256')}). "
+            f"CIFAR-10, IPC 10, teacher `{record['teacher']}`; students ConvNet-3-BN, soft labels from the teacher "
+            f"on the fly (mode M), KL at T = {proto['temperature']:g}, AdamW lr {proto['lr']:g} wd "
+            f"{proto['weight_decay']:g}, cosine to half, CutMix + flip, {proto['epochs']} epochs, batch "
+            f"{proto['batch_size']}, seed {proto['seed']}, a test pass every {proto['test_interval']} epochs. "
+            "IOR: soft accuracy minus the random set's under the same protocol (DD-Ranking's figures). HLR: "
+            f"full-data hard-label accuracy ({full['value']:.2f}: {full['source']}) minus DD-Ranking's hard-label "
+            "accuracy of the set (best over the learning rates tried, as DD-Ranking picks it). LRS: DD-Ranking's "
+            "score on accuracies as fractions, x 100.\n\n" + "\n".join(lines) + "\n")
+    path.write_text(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sets", nargs="+", required=True, metavar="NAME=FOLDER",
@@ -294,11 +324,12 @@ def main() -> None:
               "compute_metrics": full,
               "wall_time_s": round(time.time() - t0, 1), **provenance(),
               "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "machine_cpus": subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip(),
+              "machine_cpus": os.cpu_count(),
               "platform": platform.platform()}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(json.dumps(rows, indent=1))
+    write_table(record, a.out.with_suffix(".md"))
+    print(a.out.with_suffix(".md").read_text())
 
 
 if __name__ == "__main__":
