@@ -181,21 +181,25 @@ def lrs(ior: float, hlr: float, lam: float = 0.5) -> float:
 def write_table(record: dict, path: Path) -> None:
     """The comparison as markdown beside the JSON record."""
     proto = record["protocol"]
-    lines = ["| set | ours: nrrdd evaluate, test (final epoch) | DD-Ranking soft, final epoch | difference | "
-             "DD-Ranking soft (its figure: best test pass) | IOR | DD-Ranking hard | HLR | LRS |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | ours: nrrdd evaluate, test (final epoch) | IOR (ours) | DD-Ranking soft, final epoch | difference | "
+             "DD-Ranking soft (its figure: best test pass) | IOR (DD-Ranking) | DD-Ranking hard | HLR | LRS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    ours_random = (record["rows"].get("random", {}).get("ours") or {}).get("seed0_test")
     for name, row in record["rows"].items():
         ours = row.get("ours") or {}
         mine = f"{ours['seed0_test']:.2f} (seed 0; `{ours['file']}`)" if ours else "-"
+        gain = f"{ours['seed0_test'] - ours_random:+.2f}" if ours and ours_random and name != "random" else "-"
 
         def cell(key, fmt="{:.2f}"):
             return fmt.format(row[key]) if row.get(key) is not None else "-"
-        lines.append(f"| {name} | {mine} | {cell('ddranking_soft_final')} | {cell('difference_final', '{:+.2f}')} | "
+        lines.append(f"| {name} | {mine} | {gain} | {cell('ddranking_soft_final')} | {cell('difference_final', '{:+.2f}')} | "
                      f"{cell('ddranking_soft_best')} | {cell('ior', '{:+.2f}')} | {cell('ddranking_hard_best')} | "
                      f"{cell('hlr')} | {cell('lrs')} |")
     full = proto["full_data_hard_label_acc"]
+    student_min = sum(r["time_s"] for r in record["runs"]) / 60
     text = (f"# DD-Ranking {record['ddranking']} against `nrrdd evaluate`\n\nWritten by `{record['command']}` "
-            f"({record['wall_time_s'] / 60:.0f} min of this invocation; {record['machine_cpus']} CPU cores, "
+            f"({len(record['runs'])} DD-Ranking students, {student_min:.0f} min in all, one thread each beside other "
+            f"jobs, resumed from `runs.json` across invocations; {record['machine_cpus']} CPU cores, "
             f"{record['platform']}; git {record.get('git_commit') or record.get('source_sha256')}). "
             f"CIFAR-10, IPC 10, teacher `{record['teacher']}`; students ConvNet-3-BN, soft labels from the teacher "
             f"on the fly (mode M), KL at T = {proto['temperature']:g}, AdamW lr {proto['lr']:g} wd "
