@@ -1,8 +1,10 @@
-"""Per-stage throughput (images/s) of the pipeline's inner loops for ConvNet-3 and ResNet-18 at 32x32, on
-whichever device runs it; writes benchmarks/results/throughput_<device>.json. Random inputs and random
-weights: throughput does not depend on the values.
+"""Per-stage throughput (images/s) of the pipeline's inner loops (CIDD scoring, one NRR refinement step,
+relabelling, one student step with online soft labels) for ConvNet and ResNet-18 at 32, 64 and 224 px, on
+whichever device runs it; on CUDA also with bf16 autocast and channels-last. Writes
+benchmarks/results/throughput_<device>.json. Random inputs and random weights: throughput does not depend on
+the values.
 
-    python benchmarks/throughput.py [--device cpu|cuda] [--seconds 5]
+    python benchmarks/throughput.py [--device cpu|cuda] [--seconds 5] [--sizes 32 64 224]
 """
 from __future__ import annotations
 
@@ -38,12 +40,21 @@ def rate(fn, batch: int, seconds: float, device) -> float:
     return round(n * batch / (time.perf_counter() - t0), 1)
 
 
-def stages(arch: str, device, seconds: float) -> dict:
-    teacher = create_model(arch, 10, 32).to(device).eval().requires_grad_(False)
-    student = create_model(arch, 10, 32).to(device).train()
+# (architecture, input side, batch): the DC convention's ConvNet depth per side; ResNet-18 is CIFAR-style up to
+# 64 px and ImageNet-style above, as the registry builds it
+CONFIGS = [("convnet3", 32, 100), ("resnet18", 32, 100), ("convnet4", 64, 100), ("resnet18", 64, 100),
+           ("resnet18", 224, 32)]
+
+
+def stages(arch: str, device, seconds: float, size: int = 32, batch: int = 100, bf16: bool = False,
+           channels_last: bool = False) -> dict:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = create_model(arch, 10, size).to(device, memory_format=fmt).eval().requires_grad_(False)
+    student = create_model(arch, 10, size).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(student.parameters(), 1e-3)
-    x = torch.randn(100, 3, 32, 32, device=device)
-    y = torch.randint(0, 10, (100,), device=device)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (batch,), device=device)
+    half = batch // 2
 
     def score():  # CIDD: teacher CAM and confidence of candidate patches
         with torch.no_grad():
@@ -67,26 +78,41 @@ def stages(arch: str, device, seconds: float) -> dict:
 
     def student_step():  # student training with online soft labels
         with torch.no_grad():
-            t = teacher(x[:50])
-        loss = F.kl_div(F.log_softmax(student(x[:50]) / 4, 1), F.softmax(t / 4, 1), reduction="batchmean")
+            t = teacher(x[:half])
+        loss = F.kl_div(F.log_softmax(student(x[:half]).float() / 4, 1), F.softmax(t.float() / 4, 1),
+                        reduction="batchmean")
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    return {"cidd_scoring": rate(score, 100, seconds, device), "nrr_refine_step": rate(refine, 100, seconds, device),
-            "relabel": rate(relabel, 100, seconds, device), "student_step_sl_online": rate(student_step, 50, seconds, device)}
+    def timed(fn, n):
+        def run():
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                fn()
+        return rate(run, n, seconds, device)
+    return {"cidd_scoring": timed(score, batch), "nrr_refine_step": timed(refine, batch),
+            "relabel": timed(relabel, batch), "student_step_sl_online": timed(student_step, half)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--seconds", type=float, default=5.0)
+    p.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 224])
     a = p.parse_args()
     dev = pick_device(a.device)
     t0 = time.time()
-    out = {"kind": "benchmark", "benchmark": "throughput", "units": "images per second", "device": provenance()["device"], "load_average_before": os.getloadavg(),
-           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.node(),
-           "stages": {arch: stages(arch, dev, a.seconds) for arch in ("convnet3", "resnet18")}}
+    variants = [("fp32", False, False)] + ([("bf16", True, False), ("bf16_channels_last", True, True)]
+                                           if dev.type == "cuda" else [])
+    results = {}
+    for arch, size, batch in (c for c in CONFIGS if c[1] in a.sizes):
+        for name, bf16, cl in variants:
+            key = f"{arch}@{size}px" + ("" if name == "fp32" else f" {name}")
+            results[key] = {"batch": batch, **stages(arch, dev, a.seconds, size, batch, bf16, cl)}
+            print(key, results[key], flush=True)
+    out = {"kind": "benchmark", "benchmark": "throughput", "units": "images per second",
+           "device": provenance()["device"], "load_average_before": os.getloadavg(), "cpu_count": os.cpu_count(),
+           "torch_threads": torch.get_num_threads(), "machine": platform.node(), "stages": results}
     out.update(wall_time_s=round(time.time() - t0, 1), load_average_after=os.getloadavg(), **provenance())
     path = REPO / "benchmarks" / "results" / f"throughput_{dev.type}.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
