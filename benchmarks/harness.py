@@ -135,19 +135,19 @@ def done(b: Bench, cell: dict) -> bool:
     return same and len(r["seeds"]) >= cell["student"].get("seeds", 3)
 
 
-def evaluate_cells(b: Bench, cells: list[dict], distill_only: bool = False) -> list[dict]:
+def evaluate_cells(b: Bench, cells: list[dict], distill_only: bool = False) -> list[tuple[dict, dict]]:
     """cells: {id, preset, overrides (synthesis), student, dest}. Distils what is missing, then evaluates what
-    is missing; returns the records of all cells that have one."""
+    is missing; returns (cell, record) of every cell that has a record."""
     todo = cells if distill_only else [c for c in cells if not done(b, c)]
     if PLAN:
         print(f"{len(cells) - len(todo)} of {len(cells)} cells done" + "".join(f"\n  to run: {c['id']}" for c in todo))
-        return [json.loads(Path(c["dest"]).read_text()) for c in cells if done(b, c)]
+        return [(c, json.loads(Path(c["dest"]).read_text())) for c in cells if done(b, c)]
     sets = {distilled_dir(b, c): c for c in todo if not c.get("distilled")}
     run_all([(distill_job, (b, c)) for c in sets.values()], b.workers)
     if distill_only:
         return []
     run_all([(eval_job, (b, c)) for c in todo], b.workers)
-    return [json.loads(Path(c["dest"]).read_text()) for c in cells if Path(c["dest"]).exists()]
+    return [(c, json.loads(Path(c["dest"]).read_text())) for c in cells if Path(c["dest"]).exists()]
 
 
 # ---------------------------------------------------------------- search (validation only)
@@ -174,15 +174,13 @@ def search_round(b: Bench, name: str, grid: dict, seeds: int = 1, chosen: dict |
         tid = f"search_{name}_" + "_".join(f"{k}{v}" for k, v in zip(keys, values))
         cells.append({"id": tid, "preset": "nrrdd", "overrides": params, "student": {"seeds": seeds},
                       "dest": str(b.path(b.results) / "search" / f"{tid}.json")})
-    results = evaluate_cells(b, cells)
-    params = {c["dest"]: c["overrides"] for c in cells}
-    top = max(((r, params[c["dest"]]) for c, r in zip([c for c in cells if Path(c["dest"]).exists()], results)),
-              key=lambda t: t[0]["val_mean"])
-    winner = {k: top[1][k] for k in keys if k != "refine"}  # a "none" round must not fix refine=none
-    print(f"round {name}: chosen {winner} (val {top[0]['val_mean']:.2f})", flush=True)
+    trials = evaluate_cells(b, cells)
+    top_cell, top = max(trials, key=lambda t: t[1]["val_mean"])
+    winner = {k: top_cell["overrides"][k] for k in keys if k != "refine"}  # a "none" round must not fix refine=none
+    print(f"round {name}: chosen {winner} (val {top['val_mean']:.2f})", flush=True)
     entry = {"round": name, "grid": grid, "chosen": winner, "seeds_per_trial": seeds,
-             "trials": [{"params": params[c["dest"]], "val_mean": r["val_mean"], "val_std": r["val_std"]}
-                        for c, r in zip([c for c in cells if Path(c["dest"]).exists()], results)]}
+             "trials": [{"params": c["overrides"], "val_mean": r["val_mean"], "val_std": r["val_std"]}
+                        for c, r in trials]}
     saved.setdefault("synth", {}).update({**base, **winner})
     saved.setdefault("rounds", []).append(entry)
     save_chosen(b, saved)
@@ -202,7 +200,7 @@ def search(b: Bench, rounds: list, dbr: dict, seeds: int = 1) -> dict:
         cells.append({"id": tid, "preset": "nrrdd", "overrides": {**chosen, "ipc": 10},
                       "student": {"seeds": seeds, "label_mode": "dbr", "alpha_dbr": a_dbr, "r": r},
                       "dest": str(b.path(b.results) / "search" / f"{tid}.json")})
-    results = evaluate_cells(b, cells)
+    results = [r for _, r in evaluate_cells(b, cells)]
     top = max(results, key=lambda x: x["val_mean"])
     student = {"alpha_dbr": top["config"]["alpha_dbr"], "r": top["config"]["r"]}
     saved = load_chosen(b)
@@ -220,7 +218,7 @@ def search_temperature(b: Bench, temperatures: list[float], seeds: int = 1) -> d
     cells = [{"id": f"search_temperature_T{t}", "preset": "rded", "overrides": {"ipc": 10},
               "student": {"seeds": seeds, "temperature": t},
               "dest": str(b.path(b.results) / "search" / f"search_temperature_T{t}.json")} for t in temperatures]
-    results = evaluate_cells(b, cells)
+    results = [r for _, r in evaluate_cells(b, cells)]
     top = max(results, key=lambda r: r["val_mean"])
     chosen = load_chosen(b)
     chosen["student"] = {"temperature": top["config"]["temperature"]}

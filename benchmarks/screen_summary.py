@@ -27,11 +27,12 @@ def recipe_of(r: dict) -> tuple:
 
 def synthesis_of(r: dict) -> str:
     """The synthesis settings in which a record's distilled set differs from its preset (beta is in the recipe)."""
+    from nrrdd import NrrddError
     from nrrdd.config import effective_settings, preset_config, to_dict
     made = effective_settings(r.get("distilled_config") or {})
     try:
         preset = to_dict(preset_config(r.get("preset")))
-    except Exception:  # a plain folder or a preset renamed since: show none
+    except NrrddError:  # a plain folder or a preset renamed since: show none
         return ""
     return ", ".join(f"{k} {v}" for k, v in sorted(made.items()) if k not in ("beta", "ipc") and preset.get(k) != v)
 

@@ -169,13 +169,9 @@ def cmd_verify(a) -> int:
 
 
 def cmd_export_arrays(a) -> int:
-    from pathlib import Path
-
     from nrrdd.data import load_arrays, save_arrays
-    if Path(a.out).exists():
-        if not a.overwrite:
-            raise NrrddError(f"--out {a.out}: exists; pass --overwrite to replace it (only an nrrdd array file)")
-        load_arrays(a.out)  # refuses a file that is not one
+    from nrrdd.outdir import check_out_file
+    check_out_file(a.out, a.overwrite, "an nrrdd array file", load_arrays)
     save_arrays(a.out, a.data, a.image_size)
     print(f"wrote {a.out}")
     return 0

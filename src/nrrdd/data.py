@@ -396,6 +396,12 @@ def data_mismatch(trained_on: dict, given: dict) -> str | None:
     return None
 
 
+def distilled_root(path) -> Path:
+    """Where a distilled set's class folders are: images/ of an nrrdd folder, else the folder itself."""
+    path = Path(path)
+    return path / "images" if (path / "images").is_dir() else path
+
+
 def load_distilled(path, verify: bool = True) -> tuple[Split, list[str], dict]:
     """A distilled set: an nrrdd output folder (images/ + distill.json) or any ImageFolder of images. An nrrdd
     folder must still match its manifest (unless `verify` is off): students never train on a changed set."""
@@ -408,7 +414,7 @@ def load_distilled(path, verify: bool = True) -> tuple[Split, list[str], dict]:
     if verify and (path / MANIFEST).exists():
         require_intact(path, "distilled set")
     record = read_json(path / "distill.json") if (path / "distill.json").exists() else {}
-    root = path / "images" if (path / "images").is_dir() else path
+    root = distilled_root(path)
     split, classes, _ = load_image_folder(root, use_cache=False, progress=False)
     if record and set(classes) != set(record["classes"]):
         raise NrrddError(f"{root}: class folders {classes} differ from distill.json's {record['classes']}")

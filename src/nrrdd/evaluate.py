@@ -186,10 +186,11 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     ipc = images_per_class(len(split), len(classes), record.get("ipc"))
     images, labels, spec = student_set(split, len(classes), record, cfg)
     mode = label_mode(cfg.label_mode)
-    if teacher is None and (mode.teacher_online or (mode.store and not labels_dir) or cfg.baseline != "none"):
-        raise NrrddError(f"label mode {cfg.label_mode}" + (" with --baseline random" if cfg.baseline != "none" else "")
-                         + " needs a teacher: pass --teacher" + (" (or --labels from nrrdd relabel)"
-                                                                 if mode.store and cfg.baseline == "none" else ""))
+    if teacher is None and cfg.baseline != "none":  # its random images are labelled by the teacher too
+        raise NrrddError(f"label mode {cfg.label_mode} with --baseline random needs a teacher: pass --teacher")
+    if teacher is None and (mode.teacher_online or (mode.store and not labels_dir)):
+        raise NrrddError(f"label mode {cfg.label_mode} needs a teacher: pass --teacher"
+                         + (" (or --labels from nrrdd relabel)" if mode.store else ""))
     if labels_dir is not None and mode.store:
         load_labels(labels_dir, cfg.label_mode, spec, images)  # refused labels never open --out
     base = random_baseline(ds, teacher, record, ipc, dev) if cfg.baseline == "random" else None

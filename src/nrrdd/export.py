@@ -4,14 +4,13 @@ evaluator normalises its test set, the class index of each image, and an ImageFo
 into the class order."""
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
 
 from nrrdd import NrrddError
-from nrrdd.data import load_distilled, normalize
-from nrrdd.files import atomic_path, write_json
+from nrrdd.data import distilled_root, load_distilled, normalize, scan_image_folder
+from nrrdd.files import atomic_path, write_bytes, write_json
 from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.runtime import provenance
 
@@ -39,19 +38,18 @@ def export(distilled, out_dir, fmt: str = "ddranking", mean=None, std=None, over
     settings = {"format": fmt, "mean": list(mean), "std": list(std)}
     state = check_out(out, "export", settings, overwrite, inputs=[distilled])
     open_out(out, "export", settings, state)
-    order = torch.argsort(split.labels, stable=True)
+    order = torch.argsort(split.labels, stable=True).tolist()  # class-major, files in the order decoded
     images, labels = split.images[order], split.labels[order]
     for name, t in (("images.pt", normalize(images, mean, std).contiguous()), ("labels.pt", labels.contiguous())):
         with atomic_path(out / name) as tmp:
             torch.save(t, tmp)
-    src_root = Path(distilled) / "images" if (Path(distilled) / "images").is_dir() else Path(distilled)
-    sources = sorted(f for f in src_root.rglob("*") if f.is_file())
-    by_class = {c: sorted(f for f in sources if f.parent.name == c) for c in classes}
-    for i, c in enumerate(classes):
-        for j, f in enumerate(by_class[c]):
-            dest = out / "image_folder" / f"{i:05d}" / f"{j:05d}{f.suffix.lower()}"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(f, dest)
+    tree, _, items = scan_image_folder(distilled_root(distilled))  # the listing load_distilled decoded
+    counters = [0] * len(classes)
+    for i in order:
+        rel, c = items[i]
+        dest = out / "image_folder" / f"{c:05d}" / f"{counters[c]:05d}{Path(rel).suffix.lower()}"
+        counters[c] += 1
+        write_bytes(dest, tree.read(rel))
     info = {"kind": "export", "schema_version": 1, "format": fmt, "distilled": str(distilled),
             "classes": classes, "ipc": counts[0], "images": list(images.shape), "mean": list(mean),
             "std": list(std), "preset": record.get("preset"), **provenance(),

@@ -106,6 +106,16 @@ def _refuse_to_replace(out: Path, inputs) -> None:
             raise NrrddError(f"--out {out}: refusing to replace a folder that holds the input {p}")
 
 
+def check_out_file(out, overwrite: bool, what: str, is_ours) -> None:
+    """An output that is one file: refuse an existing one without --overwrite, and with it any file that
+    `is_ours(path)` (which raises NrrddError) does not recognise as one nrrdd wrote."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise NrrddError(f"--out {out}: exists; pass --overwrite to replace it (only {what})")
+    if out.exists():
+        is_ours(out)
+
+
 def check_out(out, command: str, settings: dict, overwrite: bool = False, resume: bool = False,
               inputs=()) -> str:
     """Decide what to do with --out, touching nothing: 'new' (absent or empty), 'resume' (an unfinished run of

@@ -89,12 +89,13 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     top = score.view(n, k).topk(min(cfg.top_t, k), dim=1).indices  # (n, t)
     keep = (top + torch.arange(n)[:, None] * k).flatten()
     patches = crop_resize(x, boxes[keep], h, owner[keep])
-    conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
-    if cfg.select == "diverse":
+    if cfg.select == "diverse":  # one teacher pass gives both the features and the confidence
         with torch.no_grad():
             feats = torch.cat([teacher.embed(teacher.features(patches[i:i + 500])) for i in range(0, len(patches), 500)])
+        conf = F.softmax(teacher.classifier(feats), 1)[:, c].cpu()
         order = cluster_pick(feats.cpu(), conf, need, gen)
     else:
+        conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
         order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),

@@ -15,7 +15,7 @@ from nrrdd.config import TeacherConfig, to_dict
 from nrrdd.data import Dataset, load_dataset, random_crop_flip
 from nrrdd.files import read_json, sha256_file, write_json
 from nrrdd.models import create_model
-from nrrdd.outdir import check_out, finish_out, open_out
+from nrrdd.outdir import check_out, check_out_file, finish_out, open_out
 from nrrdd.runtime import pick_device, provenance, seed_everything
 from nrrdd.training import TrainState, accuracy, check_finite, one_cycle, param_groups
 
@@ -107,11 +107,8 @@ def import_teacher(arch: str, weights, classes: list[str], out, image_size: int 
     if arch not in TORCHVISION:
         raise NrrddError(f"--arch {arch}: import-teacher reads torchvision's {', '.join(TORCHVISION)}")
     out, weights = Path(out), Path(weights)
-    if out.exists() and not overwrite:
-        raise NrrddError(f"--out {out}: exists; pass --overwrite to replace it (only an nrrdd checkpoint)")
-    if out.exists():
-        from nrrdd.checkpoint import read_meta
-        read_meta(out)  # refuses a file that is not an nrrdd checkpoint
+    from nrrdd.checkpoint import read_meta
+    check_out_file(out, overwrite, "an nrrdd checkpoint", read_meta)
     if not weights.is_file():
         raise NrrddError(f"--weights {weights}: file not found")
     try:
