@@ -397,7 +397,7 @@ def test_a_registered_data_set_loads_by_name(monkeypatch, capsys):
     import nrrdd.data
 
     @register_dataset("tiny")
-    def tiny(image_size=None, progress=False):
+    def tiny(image_size=None, progress=False, lazy=False):
         x = torch.arange(4 * 3 * 2 * 2, dtype=torch.uint8).view(4, 3, 2, 2)
         return Split(x, torch.tensor([0, 0, 1, 1])), Split(x[:2], torch.tensor([0, 1])), ["a", "b"], {"source": "t"}
     tiny.where = lambda: "in this test"
@@ -429,3 +429,22 @@ def test_data_mismatch_says_why_a_teacher_may_not_fit():
     assert data_mismatch(seen, {**seen, "train": {"files_digest": "y"}}) == "it was trained on other training files"
     assert "validation images may be ones it saw" in data_mismatch(seen, {**seen, "split_seed": 1})
     assert data_mismatch({}, seen) is None  # a teacher that recorded nothing: nothing to say
+
+
+def test_lazy_folder_lists_without_decoding_and_decodes_what_eager_loading_gives(make_folder):
+    """LazyImages index like a tensor (a slice, a mask, an index list give another lazy view) and decode to
+    exactly the eagerly loaded pixels; a lazy data set carves the same validation split."""
+    from nrrdd.data import LazyImages, load_dataset
+    root = make_folder(classes=("a", "b", "c"), n=4, size=8)
+    eager, classes, _ = _load(root / "train")
+    lazy, lazy_classes, _ = _load(root / "train", lazy=True)
+    assert isinstance(lazy.images, LazyImages) and lazy_classes == classes
+    assert tuple(lazy.images.shape) == (12, 3, 8, 8) and torch.equal(lazy.labels, eager.labels)
+    assert torch.equal(lazy.images.decode(), eager.images)
+    for idx in (slice(2, 7), eager.labels == 1, torch.tensor([11, 0, 5])):
+        view = lazy.images[idx]
+        assert isinstance(view, LazyImages) and torch.equal(view.to("cpu"), eager.images[idx])
+    assert torch.equal(lazy.of_class(2).decode(), eager.of_class(2))
+    ds, dl = load_dataset(str(root), val_fraction=0.25), load_dataset(str(root), val_fraction=0.25, lazy=True)
+    assert dl.mean is None and ds.mean is not None
+    assert torch.equal(dl.val.images.decode(), ds.val.images) and torch.equal(dl.train.labels, ds.train.labels)

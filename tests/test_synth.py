@@ -467,3 +467,30 @@ def test_effective_settings_drop_what_cannot_shape_the_images():
     assert "lr" not in cidd and cidd["pool_per_class"] == 300
     nrrdd = effective_settings(to_dict(preset_config("nrrdd")))
     assert nrrdd["lr"] == 0.003 and nrrdd["select"] == "highest"
+
+
+def test_distill_decodes_only_each_classs_candidate_pool(tmp_path, digits_teacher, monkeypatch):
+    """A folder is listed, not decoded: distill decodes pool_per_class images of each class (memory follows the
+    pool, not the training set), and the set is the one distilling the fully decoded data gives."""
+    from conftest import write_png
+    import nrrdd.data
+    from nrrdd.checkpoint import read_meta
+    from nrrdd.data import load_dataset
+    from nrrdd.files import load_tensors
+    rng = np.random.default_rng(0)
+    classes = read_meta(digits_teacher)["classes"]
+    for split, n in (("train", 8), ("test", 1)):
+        for c in classes:
+            for i in range(n):
+                write_png(tmp_path / "photos" / split / c / f"{i}.png", rng, 32)
+    decoded = []
+    real = nrrdd.data.decode_image
+    monkeypatch.setattr(nrrdd.data, "decode_image", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+    cfg = preset_config("cidd", {"ipc": 1, "pool_per_class": 2, "crops_per_image": 2})
+    distill(str(tmp_path / "photos"), digits_teacher, cfg, tmp_path / "lazy", preset="cidd", device="cpu",
+            progress=False)
+    assert len(decoded) == len(classes) * 2 and len(set(decoded)) == len(decoded)
+    eager = load_dataset(str(tmp_path / "photos"), 32, progress=False)
+    distill(eager, digits_teacher, cfg, tmp_path / "eager", preset="cidd", device="cpu", progress=False)
+    a, b = (load_tensors(tmp_path / d / "synthetic.safetensors") for d in ("lazy", "eager"))
+    assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nrrdd.models import Net
+from nrrdd.models import Net, batch_size_for
 
 
 def normalize_per_image(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -15,12 +15,13 @@ def normalize_per_image(m: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_activation_maps(model: Net, x: torch.Tensor, labels: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+def class_activation_maps(model: Net, x: torch.Tensor, labels: torch.Tensor,
+                          batch_size: int | None = None) -> torch.Tensor:
     """CAM of class `labels[i]` for image `x[i]`: (B, H, W) in [0, 1], upsampled bilinearly to the input size.
 
     x is already normalised. The model's mode is left as the caller set it (eval for teachers).
     """
-    out = []
+    out, batch_size = [], batch_size or batch_size_for(x, 512)
     for i in range(0, len(x), batch_size):
         xb, yb = x[i:i + batch_size], labels[i:i + batch_size].to(x.device)
         f = model.features(xb)  # (B, K, h, w)

@@ -31,7 +31,7 @@ IGNORED_NAMES = {"README.md", "README", "LICENSE", ".DS_Store", "Thumbs.db", "ma
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, C, H, W) uint8
+    images: torch.Tensor  # (N, C, H, W) uint8, or LazyImages of a listed folder
     labels: torch.Tensor  # (N,) int64
 
     def __len__(self):
@@ -159,6 +159,42 @@ def scan_image_folder(root) -> tuple[_Tree, list[str], list[tuple[str, int]]]:
     return tree, classes, items
 
 
+class LazyImages:
+    """The images of a listed folder, decoded only when a batch is asked for (`.to(device)` or `decode()`).
+    Indexing gives another lazy view, as tensor indexing gives a tensor, so a class and a seeded candidate
+    pool are chosen before anything is decoded: memory follows the pool, not the training set."""
+
+    def __init__(self, tree: "_Tree", rels: list[str], size: int, channels: int = 3):
+        self.tree, self.rels, self.size, self.channels = tree, rels, size, channels
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.rels), self.channels, self.size, self.size))
+
+    def __getitem__(self, idx) -> "LazyImages":
+        if isinstance(idx, slice):
+            return LazyImages(self.tree, self.rels[idx], self.size, self.channels)
+        idx = torch.as_tensor(idx)
+        if idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).flatten()
+        if idx.dim() != 1:
+            raise TypeError("LazyImages takes a slice, a boolean mask or a 1-D index list")
+        return LazyImages(self.tree, [self.rels[i] for i in idx.tolist()], self.size, self.channels)
+
+    def decode(self) -> torch.Tensor:
+        """uint8 (N, C, H, W), byte for byte what load_image_folder's eager decoding gives."""
+        out = np.empty((len(self.rels), self.size, self.size, self.channels), np.uint8)
+        for i, rel in enumerate(self.rels):
+            out[i] = decode_image(self.tree.read(rel), self.tree.where(rel), self.size, self.channels)
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
+
+    def to(self, device) -> torch.Tensor:
+        return self.decode().to(device)
+
+
 def decode_image(data: bytes, where: str, size: int | None, channels: int = 3) -> np.ndarray:
     """Decode to uint8 (size, size, channels); a bad file raises one error naming it."""
     try:
@@ -181,12 +217,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NRRDD_CACHE", Path.home() / ".cache" / "nrrdd"))
 
 
-def load_image_folder(root, size: int | None = None, use_cache: bool = True,
-                      progress: bool = True) -> tuple[Split, list[str], dict]:
+def load_image_folder(root, size: int | None = None, use_cache: bool = True, progress: bool = True,
+                      lazy: bool = False) -> tuple[Split, list[str], dict]:
     """Decode an ImageFolder tree to a Split. Images are resized to `size` (default: the first image's side).
 
     Decoded arrays are cached under $NRRDD_CACHE keyed by the files' names, sizes and times,
-    so a second load takes seconds and any change to the source invalidates the cache.
+    so a second load takes seconds and any change to the source invalidates the cache. With `lazy`, the
+    tree is only listed: the Split holds `LazyImages`, and no cache is read or written.
     """
     tree, classes, items = scan_image_folder(root)
     key = tree.stat_key([r for r, _ in items])
@@ -197,6 +234,8 @@ def load_image_folder(root, size: int | None = None, use_cache: bool = True,
     cache = cache_dir() / f"{sha256_bytes(f'{os.path.abspath(tree.where())}:{key}:{size}'.encode())[:24]}.npz"
     info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size,
             "files_digest": tree.content_key([r for r, _ in items])}
+    if lazy:
+        return Split(LazyImages(tree, [r for r, _ in items], size), torch.tensor([lab for _, lab in items])), classes, info
     if use_cache and cache.exists():
         with np.load(cache) as z:
             return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])), classes, info
@@ -250,7 +289,7 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float,
 
 # ---------------------------------------------------------------- named data sets: a registry
 
-# name -> loader(image_size, progress) -> (training split before validation is carved, test split, classes, info)
+# name -> loader(image_size, progress, lazy) -> (training split before validation is carved, test split, classes, info)
 DATASETS: dict[str, Callable] = {}
 
 
@@ -266,8 +305,9 @@ def dataset_names() -> list[str]:
 
 
 @register_dataset("digits")
-def digits(image_size: int | None = None, progress: bool = False):
-    """scikit-learn's 8x8 digits (1,797 images, shipped inside the package): a demo set with no download.
+def digits(image_size: int | None = None, progress: bool = False, lazy: bool = False):
+    """scikit-learn's 8x8 digits (1,797 images, shipped inside the package): a demo set with no download;
+    small enough that `lazy` changes nothing.
 
     Upsampled bilinearly to `image_size` (32) and replicated to 3 channels so every model sees the same
     input shape; a fixed 20% per class is the test split.
@@ -305,12 +345,12 @@ def find_shared(name: str, rel: str) -> str | None:
 
 def register_shared_folder(name: str, rel: str) -> None:
     """A named set kept as train/ and test/ image folders (plain or zipped) under one of `shared_roots`."""
-    def load(image_size: int | None = None, progress: bool = True):
+    def load(image_size: int | None = None, progress: bool = True, lazy: bool = False):
         root = find_shared(name, rel)
         if root is None:
             raise NrrddError(f"data set '{name}' not found under {', '.join(map(str, shared_roots()))}; set "
                              f"NRRDD_DATA to the folder that holds {rel.split('/')[0]}/ (README: Data)")
-        return folder_splits(root, image_size, progress)
+        return folder_splits(root, image_size, progress, lazy)
     load.where = lambda: find_shared(name, rel) or f"not found under {', '.join(map(str, shared_roots()))}"
     register_dataset(name)(load)
 
@@ -319,7 +359,7 @@ register_shared_folder("cifar10", "cifar10")
 register_shared_folder("cifar100", "cifar100/cifar100.zip/cifar100")
 
 
-def folder_splits(root: str, image_size: int | None, progress: bool):
+def folder_splits(root: str, image_size: int | None, progress: bool, lazy: bool = False):
     """train/ and test/ ImageFolder trees under `root` (a folder, a .zip, or a folder inside one)."""
     if ".zip" not in root and not os.path.isdir(root):
         raise NrrddError(f"--data {root}: {'not a folder' if os.path.exists(root) else 'not found'}; give a "
@@ -329,9 +369,9 @@ def folder_splits(root: str, image_size: int | None, progress: bool):
     subs, _ = tree.listdir()
     if not {"train", "test"} <= set(subs):
         raise NrrddError(f"{tree.where()}: expected 'train' and 'test' sub-folders, found {subs or 'none'}")
-    full, classes, info = load_image_folder(os.path.join(root, "train"), image_size, progress=progress)
+    full, classes, info = load_image_folder(os.path.join(root, "train"), image_size, progress=progress, lazy=lazy)
     test, test_classes, test_info = load_image_folder(os.path.join(root, "test"), full.images.shape[-1],
-                                                      progress=progress)
+                                                      progress=progress, lazy=lazy)
     if test_classes != classes:
         only = sorted(set(classes) ^ set(test_classes))
         raise NrrddError(f"{tree.where()}: train and test class folders differ (only in one: {only}); "
@@ -340,18 +380,19 @@ def folder_splits(root: str, image_size: int | None, progress: bool):
 
 
 def load_dataset(spec: str, image_size: int | None = None, val_fraction: float = 0.1, split_seed: int = 0,
-                 progress: bool = True) -> Dataset:
+                 progress: bool = True, lazy: bool = False) -> Dataset:
     """Load `spec`: a registered name (digits, cifar10, cifar100...), a .npz from export-arrays, or a path
-    holding train/ and test/ ImageFolder trees."""
+    holding train/ and test/ ImageFolder trees. `lazy`: image folders are listed, not decoded (the splits hold
+    LazyImages, mean and std are None: the teacher's normalisation is the one that applies)."""
     if spec in DATASETS:
-        full, test, classes, info = DATASETS[spec](image_size, progress)
+        full, test, classes, info = DATASETS[spec](image_size, progress, lazy=lazy)
     elif spec.endswith(".npz"):
         full, test, classes, info = load_arrays(spec)
     else:
-        full, test, classes, info = folder_splits(spec, image_size, progress)
+        full, test, classes, info = folder_splits(spec, image_size, progress, lazy)
     keep, val = carve_split(full.labels, val_fraction, split_seed)
     train = full.subset(keep)
-    mean, std = channel_stats(train.images)
+    mean, std = channel_stats(train.images) if isinstance(train.images, torch.Tensor) else (None, None)
     info.update(val_fraction=val_fraction, split_seed=split_seed,
                 sizes={"train": len(keep), "val": len(val), "test": len(test)})
     return Dataset(spec, classes, train, full.subset(val), test, mean, std, info)

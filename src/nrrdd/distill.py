@@ -51,8 +51,10 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     init_from_env(dev)
     progress = progress and is_main()
     t0 = time.time()
-    # decoded at the teacher's resolution: a folder of large photos is resized once, never held at full size
-    ds = data if isinstance(data, Dataset) else load_dataset(data, teacher_meta["image_size"], progress=progress)
+    # listed, not decoded: each class's candidate pool is decoded when selected, at the teacher's resolution,
+    # so memory follows one pool and the distilled set, not the training set
+    ds = data if isinstance(data, Dataset) else load_dataset(data, teacher_meta["image_size"], progress=progress,
+                                                               lazy=True)
     teacher, meta = load_model(teacher_path, classes=ds.classes, device=dev)
     why = data_mismatch(meta.get("data_info") or {}, ds.info)
     if why and is_main():

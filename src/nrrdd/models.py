@@ -28,6 +28,12 @@ def model_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def batch_size_for(x: torch.Tensor, at_32px: int) -> int:
+    """Images per inference pass: `at_32px` at 32x32 and proportionally fewer at larger sides, so activation
+    memory is the same at any resolution (512 images at 224 px would hold gigabytes of activations)."""
+    return max(1, at_32px * 1024 // (x.shape[-2] * x.shape[-1]))
+
+
 def create_model(name: str, num_classes: int, image_size: int = 32, channels: int = 3, **kw) -> "Net":
     if name not in _REGISTRY:
         raise NrrddError(f"unknown model '{name}'; registered models: {', '.join(model_names())}")

@@ -14,7 +14,7 @@ from nrrdd.augment import box_mass, crop_resize, random_square_boxes, stitch
 from nrrdd.cam import class_activation_maps
 from nrrdd.config import SynthConfig
 from nrrdd.data import Split
-from nrrdd.models import Net
+from nrrdd.models import Net, batch_size_for
 from nrrdd.runtime import class_generator
 
 
@@ -61,7 +61,8 @@ def cluster_pick(features: torch.Tensor, score: torch.Tensor, k: int, generator:
 
 
 @torch.no_grad()
-def teacher_ce(teacher: Net, x: torch.Tensor, c: int, batch_size: int = 500) -> torch.Tensor:
+def teacher_ce(teacher: Net, x: torch.Tensor, c: int) -> torch.Tensor:
+    batch_size = batch_size_for(x, 500)
     out = [F.cross_entropy(teacher(x[i:i + batch_size]), torch.full((len(x[i:i + batch_size]),), c, device=x.device),
                            reduction="none") for i in range(0, len(x), batch_size)]
     return torch.cat(out)
@@ -90,8 +91,9 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     keep = (top + torch.arange(n)[:, None] * k).flatten()
     patches = crop_resize(x, boxes[keep], h, owner[keep])
     if cfg.select == "diverse":  # one teacher pass gives both the features and the confidence
+        b = batch_size_for(patches, 500)
         with torch.no_grad():
-            feats = torch.cat([teacher.embed(teacher.features(patches[i:i + 500])) for i in range(0, len(patches), 500)])
+            feats = torch.cat([teacher.embed(teacher.features(patches[i:i + b])) for i in range(0, len(patches), b)])
         conf = F.softmax(teacher.classifier(feats), 1)[:, c].cpu()
         order = cluster_pick(feats.cpu(), conf, need, gen)
     else:
