@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "runs" / "bounded_memory"
 FOLDERS = {"c100": 100, "c1000": 1000}  # classes of the generated folders, 50 train JPEGs each

@@ -473,6 +473,7 @@ def test_distill_decodes_only_each_classs_candidate_pool(tmp_path, digits_teache
     """A folder is listed, not decoded: distill decodes pool_per_class images of each class (memory follows the
     pool, not the training set), and the set is the one distilling the fully decoded data gives."""
     from conftest import write_png
+
     import nrrdd.data
     from nrrdd.checkpoint import read_meta
     from nrrdd.data import load_dataset
