@@ -389,6 +389,14 @@ def test_channel_stats_by_hand():
     assert len(mean) == 2 and len(std) == 2
 
 
+def test_channel_stats_over_many_chunks_of_large_images_match_the_whole():
+    x = torch.randint(0, 256, (100, 1, 512, 512), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    mean, std = channel_stats(x)  # 48 images per chunk at this size: three chunks
+    v = x.double() / 255
+    assert mean == pytest.approx((round(v.mean().item(), 4),), abs=1e-4)
+    assert std == pytest.approx((round(v.std(unbiased=False).item(), 4),), abs=1e-4)
+
+
 def test_a_registered_data_set_loads_by_name(monkeypatch, capsys):
     """Adding a named data set is one registered loader; load_dataset, the CLI and `nrrdd datasets` see it."""
     from nrrdd.cli import main

@@ -495,3 +495,23 @@ def test_distill_decodes_only_each_classs_candidate_pool(tmp_path, digits_teache
     distill(eager, digits_teacher, cfg, tmp_path / "eager", preset="cidd", device="cpu", progress=False)
     a, b = (load_tensors(tmp_path / d / "synthetic.safetensors") for d in ("lazy", "eager"))
     assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
+
+
+def test_class_names_file_names_the_pictures_and_a_bad_one_is_refused_before_any_output(tmp_path, digits_teacher,
+                                                                                        digits):
+    from nrrdd.data import display_names
+    mapping = tmp_path / "LOC_synset_mapping.txt"
+    mapping.write_text("0 zero, nought\n1 one\nn999 not a class here\n")
+    assert display_names(mapping, ["0", "1", "2"]) == ["zero", "one", "2"]
+    (tmp_path / "names.json").write_text('{"2": "two"}')
+    assert display_names(tmp_path / "names.json", ["1", "2"]) == ["1", "two"]
+    cfg = preset_config("random", {"ipc": 1})
+    r = distill(digits, digits_teacher, cfg, tmp_path / "out", preset="random", device="cpu", progress=False,
+                class_names=mapping)
+    assert r["class_names"][:3] == ["zero", "one", "2"] and r["classes"][:2] == ["0", "1"]
+    assert (tmp_path / "out" / "images" / "0").is_dir()  # folders keep their names
+    (tmp_path / "other.txt").write_text("n01440764 tench, Tinca tinca\n")
+    with pytest.raises(NrrddError, match="names none of the 10 class folders"):
+        distill(digits, digits_teacher, cfg, tmp_path / "out2", preset="random", device="cpu", progress=False,
+                class_names=tmp_path / "other.txt")
+    assert not (tmp_path / "out2").exists()

@@ -53,7 +53,7 @@ def cmd_distill(a) -> int:
     from nrrdd.distill import distill
     cfg = preset_config(a.preset, _config_file(a), a)
     r = distill(a.data, a.teacher, cfg, a.out, preset=a.preset, device=a.device, resume=a.resume,
-                overwrite=a.overwrite, progress=not a.quiet)
+                overwrite=a.overwrite, progress=not a.quiet, class_names=a.class_names)
     if not r:  # a torchrun rank other than 0: rank 0 reports
         return 0
     t = r["timings"]
@@ -224,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help=DATA_HELP)
     s.add_argument("--teacher", required=True, help="teacher .safetensors (from train-teacher)")
     s.add_argument("--preset", default="nrrdd", help=f"method preset: {', '.join(PRESETS)} (default: nrrdd)")
+    s.add_argument("--class-names", help="file of readable names for the pictures: lines '<folder> <name>' (as "
+                   "ImageNet's LOC_synset_mapping.txt) or a JSON object; class folders keep their names")
     add_config_args(s, SynthConfig, "synthesis (overrides the preset)")
     _common(s)
     s.set_defaults(fn=cmd_distill)

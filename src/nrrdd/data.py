@@ -6,6 +6,7 @@ a seeded validation split carved from the training images, and the training set'
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import zipfile
@@ -272,9 +273,11 @@ def carve_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch
     return torch.sort(torch.cat(keep)).values, torch.sort(torch.cat(carve)).values
 
 
-def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and (population) std of uint8 images in [0, 1], accumulated in float64 over chunks so
-    memory stays at one chunk rather than eight bytes per pixel of the whole set."""
+    memory stays at one chunk (4,096 CIFAR images; as many values at any size: 4,096 images at 224 px would
+    hold 10 GB) rather than eight bytes per pixel of the whole set."""
+    chunk = max(1, 4096 * 3 * 32 * 32 // max(1, images[0].numel())) if len(images) else 1
     total = torch.zeros(images.shape[1], dtype=torch.float64)
     sq = torch.zeros_like(total)
     for i in range(0, len(images), chunk):
@@ -435,6 +438,27 @@ def data_mismatch(trained_on: dict, given: dict) -> str | None:
         return (f"it was trained with validation split {[trained_on[k] for k in split]}, not "
                 f"{[given[k] for k in split]}, so validation images may be ones it saw")
     return None
+
+
+def display_names(path, classes: list[str]) -> list[str]:
+    """Readable class names for pictures, from a file that maps folder names to names: lines "<folder> <name>"
+    (ImageNet's LOC_synset_mapping.txt, Tiny-ImageNet's words.txt; the name up to its first comma) or a JSON
+    object. A folder the file does not name keeps its own name; a file that names none of them is refused."""
+    p = Path(path)
+    if not p.is_file():
+        raise NrrddError(f"--class-names {path}: file not found")
+    text = p.read_text(errors="replace")
+    if text.lstrip().startswith("{"):
+        try:
+            mapping = {str(k): str(v) for k, v in json.loads(text).items()}
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise NrrddError(f"--class-names {path}: not a JSON object of folder: name ({e})") from None
+    else:
+        mapping = dict(parts for ln in text.splitlines() if len(parts := ln.strip().split(None, 1)) == 2)
+    if not any(c in mapping for c in classes):
+        raise NrrddError(f"--class-names {path}: names none of the {len(classes)} class folders (such as "
+                         f"'{classes[0]}'); expected lines '<folder> <name>' or a JSON object")
+    return [mapping[c].split(",")[0].strip() or c if c in mapping else c for c in classes]
 
 
 def distilled_root(path) -> Path:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model, read_meta
 from nrrdd.config import SynthConfig, to_dict
-from nrrdd.data import Dataset, data_mismatch, load_dataset
+from nrrdd.data import Dataset, data_mismatch, display_names, load_dataset
 from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.outdir import check_out, finish_out, open_out
 from nrrdd.refine import refine_images, refinement_mask, to_uint8
@@ -38,8 +38,10 @@ def image_name(classes: list[str], c: int, i: int) -> str:
 
 
 def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset: str = "custom",
-            device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them."""
+            device: str = "auto", resume: bool = False, overwrite: bool = False, progress: bool = True,
+            class_names=None) -> dict:
+    """Synthesise `cfg.ipc` images per class and write them (PNG in class folders) with everything to reuse them.
+    `class_names`: a file of readable names for the pictures (class folders keep their names)."""
     out = Path(out_dir)
     teacher_meta = read_meta(teacher_path)  # a missing or foreign teacher file fails before anything is decoded
     settings = {"config": to_dict(cfg), "data": data.name if isinstance(data, Dataset) else data,
@@ -63,6 +65,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     if meta["image_size"] != ds.image_size:
         raise NrrddError(f"{teacher_path}: teacher expects {meta['image_size']} px images, the data has "
                          f"{ds.image_size} px")
+    shown = display_names(class_names, ds.classes) if class_names else ds.classes
     check_enough_images(torch.bincount(ds.train.labels, minlength=ds.num_classes).tolist(), ds.classes, cfg)
     timings = {"load_s": round(time.time() - t0, 2)}
     barrier()  # every rank has checked --out before rank 0 opens it
@@ -96,14 +99,15 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
         counts[c] += 1
     save_tensors(out / "synthetic.safetensors", {"images": x.cpu(), "labels": y.cpu()})  # exact, before PNG
     write_json(out / "selection.json", records)
-    image_grid(out / "pictures" / "grid.png", images, y, ds.classes)
+    image_grid(out / "pictures" / "grid.png", images, y, shown)
     show = torch.stack([torch.nonzero(y == c)[0, 0] for c in range(min(ds.num_classes, 6))])
     refinement_panel(out / "pictures" / "refinement.png", before[show], images[show], cam[show].cpu(),
-                     refinement_mask(cam[show.to(cam.device)], cfg)[:, 0].cpu(), [ds.classes[int(c)] for c in y[show]])
+                     refinement_mask(cam[show.to(cam.device)], cfg)[:, 0].cpu(), [shown[int(c)] for c in y[show]])
     timings["write_s"] = round(time.time() - t, 2)
     timings["total_s"] = round(time.time() - t0, 2)
     record = {"kind": "distilled", "preset": preset, "config": to_dict(cfg), "seed": cfg.seed,
-              "classes": ds.classes, "ipc": cfg.ipc, "images": names, "mean": meta["mean"], "std": meta["std"],
+              "classes": ds.classes, **({"class_names": shown} if class_names else {}), "ipc": cfg.ipc,
+              "images": names, "mean": meta["mean"], "std": meta["std"],
               "teacher": {"path": str(teacher_path), "sha256": sha256_file(teacher_path), "arch": meta["arch"],
                           "test_acc": meta.get("test_acc")},
               "data": {"spec": ds.name, **ds.info}, "timings": timings, "memory": peak_memory_mb(dev),
