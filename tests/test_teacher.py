@@ -174,3 +174,25 @@ def test_import_teacher_refuses_code_and_misfits_in_one_line(tmp_path, capsys):
     assert main(["import-teacher", "--arch", "resnet18", "--weights", str(tmp_path / "w3.pth"), "--classes",
                  str(tmp_path / "data"), "--out", str(tmp_path / "mine.safetensors"), "--overwrite"]) == 2
     assert (tmp_path / "mine.safetensors").read_text() == "not a checkpoint"
+
+
+def test_a_folder_too_large_to_decode_is_streamed_and_trains_the_same_teacher(make_folder, tmp_path, monkeypatch):
+    """Past NRRDD_DECODE_MB the training folder is listed and decoded batch by batch by a worker process (a
+    zipped folder too: workers open their own archive); the teacher is the one the decoded folder trains."""
+    import shutil
+
+    import nrrdd.data
+    root = make_folder(classes=("a", "b", "c"), n=6, size=16)
+    shutil.make_archive(str(tmp_path / "z"), "zip", root.parent, root.name)
+    monkeypatch.setattr(nrrdd.data, "decode_workers", lambda: 1)
+    cfg = dict(width=8, epochs=2, batch_size=4, image_size=16, val_fraction=0.2)
+    eager = train_teacher(tiny(data=str(root), **cfg), tmp_path / "eager", device="cpu", progress=False)
+    monkeypatch.setenv("NRRDD_DECODE_MB", "0.001")  # 1 kB: every folder streams
+    seen = []
+    real = nrrdd.data.image_batches
+    monkeypatch.setattr(T, "image_batches", lambda images, *a: seen.append(type(images).__name__) or real(images, *a))
+    for name, data in (("stream", str(root)), ("zip", f"{tmp_path / 'z.zip'}/{root.name}")):
+        r = train_teacher(tiny(data=data, **cfg), tmp_path / name, device="cpu", progress=False)
+        assert r["history"] == [{**h, "time_s": r["history"][i]["time_s"]} for i, h in enumerate(eager["history"])]
+        _assert_same_weights(tmp_path / "eager" / "teacher.safetensors", tmp_path / name / "teacher.safetensors")
+    assert set(seen) == {"LazyImages"}

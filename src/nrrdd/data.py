@@ -76,7 +76,7 @@ class _Tree:
 
     def __init__(self, root: str | os.PathLike):
         root = str(root)
-        self.zip, self.prefix = None, ""
+        self.zip, self.prefix, self.pid = None, "", os.getpid()
         zpath, _, inner = root.partition(".zip")
         if root.endswith(".zip") or (inner.startswith("/") and os.path.isfile(zpath + ".zip")):
             zpath += ".zip"
@@ -92,6 +92,12 @@ class _Tree:
         elif not os.path.isdir(root):
             raise NrrddError(f"{root}: not a folder; expected a folder of class sub-folders")
         self.root = root
+
+    def __getstate__(self) -> dict:  # an open ZipFile cannot travel to a spawned decoding worker: reopen it there
+        return {**self.__dict__, "zip": self.zip.filename if self.zip else None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, zip=zipfile.ZipFile(state["zip"]) if state["zip"] else None, pid=os.getpid())
 
     def listdir(self, sub: str = "") -> tuple[list[str], list[str]]:
         """(sub-folders, files) directly under `sub`, sorted."""
@@ -115,6 +121,8 @@ class _Tree:
         if self.zip is None:
             with open(os.path.join(self.root, rel), "rb") as f:
                 return f.read()
+        if self.pid != os.getpid():  # a forked worker shares the parent's file offset: interleaved reads corrupt
+            self.zip, self.pid = zipfile.ZipFile(self.zip.filename), os.getpid()
         return self.zip.read("/".join(p for p in (self.prefix, rel) if p))
 
     def stat_key(self, rels: list[str]) -> str:
@@ -192,8 +200,8 @@ class LazyImages:
             out[i] = decode_image(self.tree.read(rel), self.tree.where(rel), self.size, self.channels)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
 
-    def to(self, device) -> torch.Tensor:
-        return self.decode().to(device)
+    def to(self, device, non_blocking: bool = False) -> torch.Tensor:
+        return self.decode().to(device, non_blocking=non_blocking)
 
 
 def decode_image(data: bytes, where: str, size: int | None, channels: int = 3) -> np.ndarray:
@@ -218,13 +226,19 @@ def cache_dir() -> Path:
     return Path(os.environ.get("NRRDD_CACHE", Path.home() / ".cache" / "nrrdd"))
 
 
+def decode_limit_bytes() -> int:
+    """Decoded size above which `lazy="auto"` streams a folder instead of decoding it ($NRRDD_DECODE_MB)."""
+    return int(float(os.environ.get("NRRDD_DECODE_MB", 4096)) * 2**20)
+
+
 def load_image_folder(root, size: int | None = None, use_cache: bool = True, progress: bool = True,
-                      lazy: bool = False) -> tuple[Split, list[str], dict]:
+                      lazy: bool | str = False) -> tuple[Split, list[str], dict]:
     """Decode an ImageFolder tree to a Split. Images are resized to `size` (default: the first image's side).
 
     Decoded arrays are cached under $NRRDD_CACHE keyed by the files' names, sizes and times,
     so a second load takes seconds and any change to the source invalidates the cache. With `lazy`, the
-    tree is only listed: the Split holds `LazyImages`, and no cache is read or written.
+    tree is only listed: the Split holds `LazyImages`, and no cache is read or written; "auto" does that when
+    the decoded images would pass `decode_limit_bytes()`.
     """
     tree, classes, items = scan_image_folder(root)
     key = tree.stat_key([r for r, _ in items])
@@ -235,6 +249,8 @@ def load_image_folder(root, size: int | None = None, use_cache: bool = True, pro
     cache = cache_dir() / f"{sha256_bytes(f'{os.path.abspath(tree.where())}:{key}:{size}'.encode())[:24]}.npz"
     info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size,
             "files_digest": tree.content_key([r for r, _ in items])}
+    if lazy == "auto":
+        lazy = len(items) * 3 * size * size > decode_limit_bytes()
     if lazy:
         return Split(LazyImages(tree, [r for r, _ in items], size), torch.tensor([lab for _, lab in items])), classes, info
     if use_cache and cache.exists():
@@ -383,10 +399,10 @@ def folder_splits(root: str, image_size: int | None, progress: bool, lazy: bool 
 
 
 def load_dataset(spec: str, image_size: int | None = None, val_fraction: float = 0.1, split_seed: int = 0,
-                 progress: bool = True, lazy: bool = False) -> Dataset:
+                 progress: bool = True, lazy: bool | str = False) -> Dataset:
     """Load `spec`: a registered name (digits, cifar10, cifar100...), a .npz from export-arrays, or a path
     holding train/ and test/ ImageFolder trees. `lazy`: image folders are listed, not decoded (the splits hold
-    LazyImages, mean and std are None: the teacher's normalisation is the one that applies)."""
+    LazyImages; mean and std are None, see `dataset_stats`); "auto": only folders too large to hold decoded."""
     if spec in DATASETS:
         full, test, classes, info = DATASETS[spec](image_size, progress, lazy=lazy)
     elif spec.endswith(".npz"):
@@ -399,6 +415,44 @@ def load_dataset(spec: str, image_size: int | None = None, val_fraction: float =
     info.update(val_fraction=val_fraction, split_seed=split_seed,
                 sizes={"train": len(keep), "val": len(val), "test": len(test)})
     return Dataset(spec, classes, train, full.subset(val), test, mean, std, info)
+
+
+def dataset_stats(ds: Dataset, sample: int = 10_000, seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The training images' channel mean and std; for a listed (lazy) set, those of a seeded sample of
+    `sample` images, so that no pass over the whole set is needed."""
+    if ds.mean is not None:
+        return ds.mean, ds.std
+    idx = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(seed))[:sample]
+    return channel_stats(ds.train.images[torch.sort(idx).values].decode())
+
+
+def image_batches(images, batches: list[torch.Tensor], device, workers: int = 0):
+    """uint8 image batches in the given index order: slices of a tensor (on its own device), or LazyImages
+    decoded by `workers` processes a few batches ahead of the training step (a torch DataLoader)."""
+    if isinstance(images, torch.Tensor):
+        for idx in batches:
+            yield images[idx.to(images.device)]
+        return
+    loader = torch.utils.data.DataLoader(_Decoded(images), sampler=[b.cpu() for b in batches], batch_size=None,
+                                         num_workers=workers, pin_memory=torch.device(device).type == "cuda")
+    for x in loader:
+        yield x.to(device, non_blocking=True)
+
+
+class _Decoded(torch.utils.data.Dataset):
+    def __init__(self, images: LazyImages):
+        self.images = images
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.images[idx].decode()
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def decode_workers() -> int:
+    """Decoding processes beside the training process: every core but one, at most 8."""
+    return min(8, max(0, (os.cpu_count() or 1) - 1))
 
 
 def save_arrays(path, spec: str, image_size: int | None = None) -> None:

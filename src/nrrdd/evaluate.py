@@ -13,7 +13,7 @@ from tqdm import tqdm
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
 from nrrdd.config import StudentConfig, SynthConfig, images_per_class, to_dict
-from nrrdd.data import Split, load_dataset, load_distilled
+from nrrdd.data import Split, dataset_stats, load_dataset, load_distilled
 from nrrdd.files import read_json, sha256_bytes, sha256_file, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, finish_out, open_out
@@ -178,11 +178,12 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
     spec_name = cfg.data or record.get("data", {}).get("spec")
     if not spec_name:
         raise NrrddError(f"{distilled}: no distill.json names the data set; pass --data for the test split")
-    ds = data or load_dataset(spec_name, split.images.shape[-1], progress=progress)  # at the distilled size
+    # at the distilled size; a test split too large to hold decoded is listed and decoded batch by batch
+    ds = data or load_dataset(spec_name, split.images.shape[-1], progress=progress, lazy="auto")
     if classes != ds.classes:
         raise NrrddError(f"{distilled}: distilled classes {classes} do not match the test set's {ds.classes}")
     teacher, meta = (load_model(teacher_path, classes=ds.classes, device=dev) if teacher_path else (None, {}))
-    stats = (teacher.mean, teacher.std) if teacher is not None else (ds.mean, ds.std)
+    stats = (teacher.mean, teacher.std) if teacher is not None else dataset_stats(ds)
     ipc = images_per_class(len(split), len(classes), record.get("ipc"))
     images, labels, spec = student_set(split, len(classes), record, cfg)
     mode = label_mode(cfg.label_mode)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from nrrdd import NrrddError
 from nrrdd.checkpoint import save_model
 from nrrdd.config import TeacherConfig, to_dict
-from nrrdd.data import Dataset, load_dataset, random_crop_flip
+from nrrdd.data import Dataset, dataset_stats, decode_workers, image_batches, load_dataset, random_crop_flip
 from nrrdd.files import read_json, sha256_file, write_json
 from nrrdd.models import create_model
 from nrrdd.outdir import check_out, check_out_file, finish_out, open_out
@@ -29,12 +29,15 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
         return read_json(out / "results.json")  # finished earlier: never retrain over it
     t0 = time.time()
     dev = pick_device(device)
-    ds = data or load_dataset(cfg.data, cfg.image_size, cfg.val_fraction, cfg.split_seed, progress=progress)
+    # a folder too large to hold decoded is listed and streamed from disk by decoding workers
+    ds = data or load_dataset(cfg.data, cfg.image_size, cfg.val_fraction, cfg.split_seed, progress=progress,
+                              lazy="auto")
+    mean, std = dataset_stats(ds)
     create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs())  # a bad name fails here
     open_out(out, "train-teacher", settings, state_kind)
     gen = seed_everything(cfg.seed)
     model = create_model(cfg.arch, ds.num_classes, ds.image_size, ds.channels, **cfg.model_kwargs())
-    model = model.set_stats(ds.mean, ds.std).to(dev)
+    model = model.set_stats(mean, std).to(dev)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     steps_per_epoch = math.ceil(len(ds.train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch
@@ -45,14 +48,14 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
         start, history = counters["epoch"], list(counters.get("history", []))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: one_cycle(s, total, cfg.warmup),
                                                   last_epoch=start * steps_per_epoch - 1)
-    x_all, y_all = ds.train.images.to(dev), ds.train.labels.to(dev)
+    x_all = ds.train.images.to(dev) if isinstance(ds.train.images, torch.Tensor) else ds.train.images
+    y_all, workers = ds.train.labels.to(dev), decode_workers()
     bar = tqdm(range(start, cfg.epochs), desc="teacher", disable=not progress, initial=start, total=cfg.epochs)
     for epoch in bar:
         model.train()
-        perm = torch.randperm(len(ds.train), generator=gen).to(dev)
-        for i in range(steps_per_epoch):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x = random_crop_flip(model.normalize(x_all[idx]), cfg.crop_pad, gen)
+        batches = list(torch.randperm(len(ds.train), generator=gen).to(dev).split(cfg.batch_size))
+        for idx, xb in zip(batches, image_batches(x_all, batches, dev, workers)):
+            x = random_crop_flip(model.normalize(xb), cfg.crop_pad, gen)
             loss = F.cross_entropy(model(x), y_all[idx], label_smoothing=cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -66,7 +69,7 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
     # The final epoch's weights are the teacher: no epoch is chosen by any accuracy.
     test = accuracy(model, ds.test, dev)
     meta = {"arch": cfg.arch, "classes": ds.classes, "image_size": ds.image_size, "channels": ds.channels,
-            "mean": list(ds.mean), "std": list(ds.std), "model_kwargs": cfg.model_kwargs(), "recipe": settings,
+            "mean": list(mean), "std": list(std), "model_kwargs": cfg.model_kwargs(), "recipe": settings,
             "val_acc": history[-1]["val_acc"] if history else None, "test_acc": test, "data_info": ds.info}
     save_model(out / "teacher.safetensors", model.cpu(), meta)
     state.path.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import torch.nn as nn
 from nrrdd import NrrddError
 from nrrdd.data import Split
 from nrrdd.files import atomic_path
-from nrrdd.models import Net
+from nrrdd.models import Net, batch_size_for
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -37,8 +37,10 @@ def one_cycle(step: int, total: int, warmup: float) -> float:
 
 
 @torch.no_grad()
-def predict(model: Net, images: torch.Tensor, device, batch_size: int = 1000) -> torch.Tensor:
-    """Logits (N, C) of uint8 images, in eval mode, on `device`; returned on the CPU."""
+def predict(model: Net, images: torch.Tensor, device, batch_size: int | None = None) -> torch.Tensor:
+    """Logits (N, C) of uint8 images (a tensor or LazyImages, decoded a batch at a time), in eval mode, on
+    `device`; returned on the CPU."""
+    batch_size = batch_size or batch_size_for(images, 1000)
     was = model.training
     model.eval()
     out = [model(model.normalize(images[i:i + batch_size].to(device, non_blocking=True))).float().cpu()
