@@ -440,17 +440,24 @@ def test_cluster_pick_takes_the_best_of_each_cluster():
     assert cluster_pick(f, score, 9, torch.Generator().manual_seed(0)).tolist() == [0, 1, 4, 3, 2]
 
 
+def teachers_classes_folder(root, teacher, n_train: int, size: int) -> list[str]:
+    """train/ (n_train random PNGs per class) and test/ (one) with the teacher's class folders."""
+    from conftest import write_png
+
+    from nrrdd.checkpoint import read_meta
+    rng = np.random.default_rng(0)
+    classes = read_meta(teacher)["classes"]
+    for split, n in (("train", n_train), ("test", 1)):
+        for c in classes:
+            for i in range(n):
+                write_png(root / split / c / f"{i}.png", rng, size)
+    return classes
+
+
 def test_distill_decodes_a_folder_at_the_teachers_resolution(tmp_path, digits_teacher, capsys):
     """Larger photos than the teacher takes are resized as they are decoded, not held at full size and refused
     afterwards; a teacher that recorded other training files is named in a warning."""
-    from conftest import write_png
-    rng = np.random.default_rng(0)
-    from nrrdd.checkpoint import read_meta
-    classes = read_meta(digits_teacher)["classes"]
-    for split, n in (("train", 3), ("test", 1)):
-        for c in classes:
-            for i in range(n):
-                write_png(tmp_path / "photos" / split / c / f"{i}.png", rng, 48)
+    teachers_classes_folder(tmp_path / "photos", digits_teacher, 3, 48)
     cfg = preset_config("random", {"ipc": 1})
     r = distill(str(tmp_path / "photos"), digits_teacher, cfg, tmp_path / "out", preset="random", device="cpu",
                 progress=False)
@@ -472,18 +479,10 @@ def test_effective_settings_drop_what_cannot_shape_the_images():
 def test_distill_decodes_only_each_classs_candidate_pool(tmp_path, digits_teacher, monkeypatch):
     """A folder is listed, not decoded: distill decodes pool_per_class images of each class (memory follows the
     pool, not the training set), and the set is the one distilling the fully decoded data gives."""
-    from conftest import write_png
-
     import nrrdd.data
-    from nrrdd.checkpoint import read_meta
     from nrrdd.data import load_dataset
     from nrrdd.files import load_tensors
-    rng = np.random.default_rng(0)
-    classes = read_meta(digits_teacher)["classes"]
-    for split, n in (("train", 8), ("test", 1)):
-        for c in classes:
-            for i in range(n):
-                write_png(tmp_path / "photos" / split / c / f"{i}.png", rng, 32)
+    classes = teachers_classes_folder(tmp_path / "photos", digits_teacher, 8, 32)
     decoded = []
     real = nrrdd.data.decode_image
     monkeypatch.setattr(nrrdd.data, "decode_image", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
