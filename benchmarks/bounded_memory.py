@@ -65,12 +65,16 @@ def measure(run: str, src: Path, label: str) -> dict:
         proc = subprocess.Popen(cmd, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.time() - t
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{run}: distill failed ({' '.join(cmd)})")
+    row = {"label": label, "run": run, "src": str(src), "command": " ".join(cmd[1:]), "settings": SETTINGS[run],
+           "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1),
+           "exit_status": os.waitstatus_to_exitcode(status)}
+    if row["exit_status"] != 0:  # a run the kernel killed for memory is a result too: its peak is where it died
+        row["failed"] = ("killed by signal %d (SIGKILL: the kernel's out-of-memory killer on this machine)"
+                         % -row["exit_status"] if row["exit_status"] == -9 else "exited with an error")
+        return row
     rec = json.loads((out / "distill.json").read_text())
-    return {"label": label, "run": run, "src": str(src), "command": " ".join(cmd[1:]), "settings": SETTINGS[run],
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "wall_s": round(wall, 1), "timings": rec["timings"],
-            "classes": len(rec["classes"]), "images": len(rec["images"]), "train_images": rec["data"]["sizes"]["train"]}
+    return {**row, "timings": rec["timings"], "classes": len(rec["classes"]), "images": len(rec["images"]),
+            "train_images": rec["data"]["sizes"]["train"]}
 
 
 def git_commit(src: Path) -> str:
@@ -96,7 +100,8 @@ def main() -> None:
                    date=time.strftime("%Y-%m-%d %H:%M:%S"), command_line=" ".join(sys.argv))
         doc["rows"] = [r for r in doc["rows"] if (r["label"], r["run"]) != (a.label, run)] + [row]
         dest.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"{a.label} {run}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s", flush=True)
+        print(f"{a.label} {run}: peak RSS {row['peak_rss_mb']:.0f} MB, {row['wall_s']:.0f} s {row.get('failed', '')}",
+              flush=True)
 
 
 if __name__ == "__main__":
