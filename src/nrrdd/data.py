@@ -193,10 +193,11 @@ class LazyImages:
             raise TypeError("LazyImages takes a slice, a boolean mask or a 1-D index list")
         return LazyImages(self.tree, [self.rels[i] for i in idx.tolist()], self.size, self.channels)
 
-    def decode(self) -> torch.Tensor:
-        """uint8 (N, C, H, W), byte for byte what load_image_folder's eager decoding gives."""
+    def decode(self, progress: bool = False) -> torch.Tensor:
+        """uint8 (N, C, H, W): the one decoding loop, eager loading's too."""
         out = np.empty((len(self.rels), self.size, self.size, self.channels), np.uint8)
-        for i, rel in enumerate(self.rels):
+        for i, rel in enumerate(tqdm(self.rels, desc=f"decode {Path(self.tree.where()).name}", disable=not progress,
+                                     leave=False, mininterval=1.0)):
             out[i] = decode_image(self.tree.read(rel), self.tree.where(rel), self.size, self.channels)
         return torch.from_numpy(np.ascontiguousarray(out.transpose(0, 3, 1, 2)))
 
@@ -249,19 +250,16 @@ def load_image_folder(root, size: int | None = None, use_cache: bool = True, pro
     cache = cache_dir() / f"{sha256_bytes(f'{os.path.abspath(tree.where())}:{key}:{size}'.encode())[:24]}.npz"
     info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size,
             "files_digest": tree.content_key([r for r, _ in items])}
+    listed = LazyImages(tree, [r for r, _ in items], size)
+    labels = np.array([lab for _, lab in items], np.int64)
     if lazy == "auto":
         lazy = len(items) * 3 * size * size > decode_limit_bytes()
     if lazy:
-        return Split(LazyImages(tree, [r for r, _ in items], size), torch.tensor([lab for _, lab in items])), classes, info
+        return Split(listed, torch.from_numpy(labels)), classes, info
     if use_cache and cache.exists():
         with np.load(cache) as z:
             return Split(torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])), classes, info
-    images = np.empty((len(items), size, size, 3), np.uint8)
-    for i, (rel, _) in enumerate(tqdm(items, desc=f"decode {Path(tree.where()).name}", disable=not progress,
-                                      leave=False, mininterval=1.0)):
-        images[i] = decode_image(tree.read(rel), tree.where(rel), size)
-    labels = np.array([lab for _, lab in items], np.int64)
-    images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    images = listed.decode(progress).numpy()
     if use_cache:
         try:
             with atomic_path(cache) as tmp:
