@@ -85,6 +85,17 @@ def distill_job(b: Bench, cell: dict) -> str:
     return str(out)
 
 
+def student_settings(b: Bench, cell: dict) -> dict:
+    """The cell's StudentConfig fields: its named "recipe" (default rded-300) under the config's and the cell's
+    own student settings."""
+    from nrrdd.config import RECIPES
+    merged = {**b.student, **cell["student"]}
+    name = merged.pop("recipe", "rded-300")
+    if name not in RECIPES:
+        raise SystemExit(f"{cell['id']}: unknown student recipe '{name}'; recipes: {', '.join(RECIPES)}")
+    return {**RECIPES[name], **merged}
+
+
 def eval_job(b: Bench, cell: dict) -> dict:
     import hashlib
 
@@ -94,7 +105,7 @@ def eval_job(b: Bench, cell: dict) -> dict:
     distilled = distilled_dir(b, cell)
     key = hashlib.sha256(distilled.name.encode()).hexdigest()[:8]  # a changed distilled set starts afresh
     work = b.path(b.work) / "eval" / f"{cell['id']}@{key}"
-    r = evaluate(distilled, StudentConfig(**{"data": b.data, **b.student, **cell["student"]}), work,
+    r = evaluate(distilled, StudentConfig(**{"data": b.data, **student_settings(b, cell)}), work,
                  device=b.device, resume=True, progress=False)
     write_json(cell["dest"], r)
     return r
@@ -128,7 +139,7 @@ def done(b: Bench, cell: dict) -> bool:
     if not dest.exists():
         return False
     r = json.loads(dest.read_text())
-    student = {k: v for k, v in {**b.student, **cell["student"]}.items() if k not in ("seeds", "data")}
+    student = {k: v for k, v in student_settings(b, cell).items() if k not in ("seeds", "data")}
     same = (Path(r["teacher"]).name == Path(b.teacher).name
             and all((r["distilled_config"] or {}).get(k) == v for k, v in cell["overrides"].items())
             and all(r["config"].get(k) == v for k, v in student.items()))
@@ -350,7 +361,7 @@ def table_note(results: list[dict]) -> str:
 def screen_summary(b: Bench, folder: str, note: str | None = None) -> None:
     """Ablation table of a trials folder: each trial's gain over the random row of its recipe."""
     from screen_summary import write_summary  # beside this script
-    write_summary(b.path(b.results) / folder, *([note] if note else []))
+    write_summary(b.path(b.results) / folder, note or "")
 
 
 STEPS = {"teacher": teacher, "search": search, "search_round": search_round,

@@ -24,7 +24,7 @@ rows = []  # the online teacher labels exactly the rows this rank trains on
 teacher.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
 cfg = StudentConfig(norm="none", width=16, epochs=2, batch_size=20)
 spec = plan_spec(cfg, len(images), ds.num_classes, images.shape[-1])
-model = train_student(images, labels, ds.num_classes, spec, cfg, 0, dev, (meta["mean"], meta["std"]), teacher,
+model, _ = train_student(images, labels, ds.num_classes, spec, cfg, 0, dev, (meta["mean"], meta["std"]), teacher,
                       progress=False, ddp=ddp)
 save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f"{out}_rank{rank()}.safetensors",
           metadata={"rows": str(sum(rows))})

@@ -241,3 +241,16 @@ def test_verify_without_manifest(tmp_path):
     (tmp_path / "x").mkdir()
     problems = verify_dir(tmp_path / "x")
     assert len(problems) == 1 and "manifest.json" in problems[0]
+
+
+def test_train_state_adds_the_resumed_runs_seconds(tmp_path, monkeypatch):
+    """A run saved after 30 s of training and resumed for 5 s more reports 35 s, not 5."""
+    from nrrdd import training
+    clock = iter([100.0, 130.0, 500.0, 500.0, 505.0])  # first: start, save; second: start, load, report
+    monkeypatch.setattr(training.time, "time", lambda: next(clock))
+    model = torch.nn.Linear(2, 2)
+    opt, gen = torch.optim.SGD(model.parameters(), lr=0.1), torch.Generator().manual_seed(0)
+    training.TrainState(tmp_path / "s.pt").save(model, opt, gen, epoch=1)
+    resumed = training.TrainState(tmp_path / "s.pt")
+    assert resumed.load(model, opt, gen) == {"epoch": 1}  # the seconds are the state's own, not a counter
+    assert resumed.elapsed() == pytest.approx(35.0)

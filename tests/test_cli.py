@@ -127,3 +127,14 @@ def test_help_texts_say_what_each_command_reads(capsys):
     ddr = _help(capsys, "export")
     assert "image_tensor or image_path" in ddr and "--mean" in ddr and "ddranking" in ddr
     assert "--baseline {none,random}" in evaluate and "IOR" in evaluate
+    assert "--recipe" in evaluate and "rded-1000" in evaluate and "--recipe" in relabel
+
+
+def test_recipes_name_the_training_not_the_labels():
+    """A config reads as the recipe whose training fields it has; labels, seeds and data do not change the name,
+    any training change makes it custom; the named recipe's flags still override it."""
+    from nrrdd.config import recipe_config, recipe_name, to_dict
+    assert recipe_name(to_dict(recipe_config("rded-300"))) == "rded-300"
+    assert recipe_name({"epochs": 1000, "label_mode": "dbr", "seeds": 5, "data": "cifar100"}) == "rded-1000"
+    assert recipe_name(to_dict(recipe_config("rded-1000", {"lr": 0.002}))) == "custom"
+    assert recipe_config("rded-1000", {"epochs": 50}).epochs == 50

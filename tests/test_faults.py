@@ -444,6 +444,12 @@ def test_bad_inputs_as_a_user_sees_them(refs, tmp_path, capsys):
     assert all(p in line for p in ("nrrdd", "nrrdd-lr", "cidd", "rded", "sre2l", "random"))
     assert not (tmp_path / "d").exists()
 
+    assert main(["evaluate", "--distilled", str(refs.distilled), "--recipe", "rded-30", "--out",
+                 str(tmp_path / "e2")]) == 2
+    line = one_error_line(capsys, "evaluate")
+    assert "unknown student recipe 'rded-30'" in line and "rded-300, rded-1000" in line
+    assert not (tmp_path / "e2").exists()
+
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, err
     lines = [ln for ln in err.splitlines() if ln.strip()]

@@ -71,9 +71,9 @@ def _config_file(a, only=None) -> dict | None:
 
 
 def cmd_evaluate(a) -> int:
-    from nrrdd.config import StudentConfig
+    from nrrdd.config import recipe_config
     from nrrdd.evaluate import evaluate
-    cfg = build_config(StudentConfig, _config_file(a), a)
+    cfg = recipe_config(a.recipe, _config_file(a), a)
     r = evaluate(a.distilled, cfg, a.out, teacher_path=a.teacher, labels_dir=a.labels, device=a.device,
                  resume=a.resume, overwrite=a.overwrite, progress=not a.quiet, verify=a.verify)
     if not r:  # a torchrun rank other than 0: rank 0 reports
@@ -90,9 +90,9 @@ def cmd_evaluate(a) -> int:
 
 
 def cmd_relabel(a) -> int:
-    from nrrdd.config import RELABEL_FIELDS, StudentConfig
+    from nrrdd.config import RELABEL_FIELDS, recipe_config
     from nrrdd.relabel import relabel_set
-    cfg = build_config(StudentConfig, _config_file(a, RELABEL_FIELDS), a)
+    cfg = recipe_config(a.recipe, _config_file(a, RELABEL_FIELDS), a)
     info = relabel_set(a.distilled, a.teacher, cfg, a.out, device=a.device, resume=a.resume, overwrite=a.overwrite,
                        progress=not a.quiet, verify=a.verify)
     if info:  # a torchrun rank other than 0 reports nothing
@@ -186,7 +186,7 @@ def cmd_export(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nrrdd.config import PRESETS, RELABEL_FIELDS, StudentConfig, SynthConfig, TeacherConfig
+    from nrrdd.config import PRESETS, RECIPES, RELABEL_FIELDS, StudentConfig, SynthConfig, TeacherConfig
     p = argparse.ArgumentParser(prog="nrrdd", description=__doc__.split("\n")[0] + "\n\nDistil a labelled image "
                                 "set into a few synthetic images per class (NRR-DD, RDED, SRe2L presets), relabel "
                                 "them and measure how well fresh students learn from them.",
@@ -243,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             s.add_argument("--labels", help="folder written by nrrdd relabel (stored modes; default: relabel here)")
         _no_verify(s, "a distilled folder")
+        s.add_argument("--recipe", default="rded-300", help=f"named student recipe: {', '.join(RECIPES)} (default: "
+                       "rded-300, the paper's and RDED's protocol; rded-1000: the same for 1,000 epochs); --config "
+                       "and flags override its fields" + (" (relabel reads its label plan: epochs, batches, mixes)"
+                                                          if only else ""))
         add_config_args(s, StudentConfig, "student recipe and labels" if only is None else "label plan", only)
         _common(s)
         s.set_defaults(fn=fn)

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from nrrdd import NrrddError
 from nrrdd.checkpoint import load_model
-from nrrdd.config import StudentConfig, SynthConfig, images_per_class, to_dict
+from nrrdd.config import StudentConfig, SynthConfig, images_per_class, recipe_name, to_dict
 from nrrdd.data import Split, dataset_stats, load_dataset, load_distilled
 from nrrdd.files import read_json, sha256_bytes, sha256_file, write_json
 from nrrdd.models import create_model
@@ -30,8 +30,8 @@ from nrrdd.training import TrainState, accuracy, check_finite, cosine, ema_copy,
 def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfig, seed: int, device,
                   stats, teacher=None, payload=None, state_path=None, progress=True, ddp=False, name="student"):
     """Train one student from scratch on the plan, normalising its inputs with `stats` (mean, std); returns the
-    model after the final epoch (with `cfg.ema`,
-    the moving average of its weights instead). With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
+    model after the final epoch (with `cfg.ema`, the moving average of its weights instead) and the seconds it
+    trained, those of the runs it resumed included. With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
     plan = {k: v.to(device) for k, v in make_plan(spec).items()}
     mode = label_mode(cfg.label_mode)
     gen = torch.Generator().manual_seed(seed)
@@ -49,13 +49,13 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
         rows = slice(rank(), None, world())  # DDP averages the ranks' gradients: the whole batch's mean loss
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     ema = ema_copy(model) if cfg.ema else None
-    state, start = (TrainState(state_path) if state_path else None), 0
-    if state is not None and state.exists():
+    state, start = TrainState(state_path), 0
+    if state.exists():
         counters = state.load(model, opt, gen)
         start = counters["epoch"]
         if ema is not None:
             ema.load_state_dict(counters["ema"])
-    saves = state is not None and (is_main() or not ddp)
+    saves = state.path is not None and (is_main() or not ddp)
     nb = math.ceil(spec.num_images / spec.batch_size)
     net.train()
     for epoch in tqdm(range(start, spec.epochs), desc=f"{name} seed {seed}", disable=not progress, leave=False,
@@ -82,7 +82,7 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
         if saves and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == spec.epochs):
             check_finite(loss, f"student seed {seed} epoch {epoch + 1}")
             state.save(model, opt, gen, epoch=epoch + 1, **({"ema": ema.state_dict()} if ema is not None else {}))
-    return model if ema is None else ema
+    return (model if ema is None else ema), round(state.elapsed(), 1)
 
 
 # ---------------------------------------------------------------- evaluate: several seeds, one results file
@@ -131,13 +131,12 @@ def train_seeds(folder: Path, name: str, images, labels, spec: PlanSpec, cfg: St
             if is_main() or not ddp:
                 state_file.unlink(missing_ok=True)  # killed between the two writes
             continue
-        ts = time.time()
-        model = train_student(images, labels, ds.num_classes, spec, cfg, seed, device, stats, teacher, payload,
+        model, seconds = train_student(images, labels, ds.num_classes, spec, cfg, seed, device, stats, teacher, payload,
                               state_path=state_file, progress=progress, ddp=ddp, name=name)
         if ddp and not is_main():
             continue
         r = {"seed": seed, "val_acc": accuracy(model, ds.val, device), "test_acc": accuracy(model, ds.test, device),
-             "time_s": round(time.time() - ts, 1),
+             "time_s": seconds,
              "weights_sha256": sha256_bytes(b"".join(v.detach().cpu().contiguous().numpy().tobytes()
                                                      for v in model.state_dict().values()))}
         write_json(seed_file, r)
@@ -216,9 +215,11 @@ def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_d
         return {}
     results = {"kind": "evaluation", "distilled": str(distilled), "preset": record.get("preset"), "ipc": ipc,
                "data": spec_name, "teacher": str(teacher_path) if teacher_path else None,
-               "teacher_arch": meta.get("arch"), "teacher_test_acc": meta.get("test_acc"), "config": to_dict(cfg),
+               "teacher_arch": meta.get("arch"), "teacher_test_acc": meta.get("test_acc"),
+               "recipe": recipe_name(to_dict(cfg)), "config": to_dict(cfg),
                "plan": asdict(spec), "inputs": inputs, "seeds": [r["seed"] for r in per_seed], "per_seed": per_seed,
                **seed_stats(per_seed), "labels": labels_info, "distilled_config": record.get("config"),
+               "distill_timings": record.get("timings"),  # so one record says what the whole result cost
                "processes": world(), "wall_time_s": round(time.time() - t0, 1), **provenance()}
     if baseline:
         results |= {"baseline": baseline, "ior": {k: round(results[f"{k}_mean"] - baseline[f"{k}_mean"], 2)

@@ -15,6 +15,8 @@ PAPER = {
     **{("cifar10", "convnet3", "rded", "sl-online", i): v for i, v in zip((1, 10, 50), (23.5, 50.2, 68.4))},
     **{("cifar10", "convnet3", "nrrdd", "sl-online", i): v for i, v in zip((1, 10, 50), (48.4, 66.7, 73.1))},
     ("cifar10", "convnet3", "cidd", "sl-online", 10): 51.3,
+    **{("cifar100", "convnet3", "rded", "sl-online", i): v for i, v in zip((1, 10, 50), (19.6, 48.1, 57.0))},
+    **{("cifar100", "convnet3", "nrrdd", "sl-online", i): v for i, v in zip((1, 10, 50), (27.3, 55.7, 61.1))},
     **{("cifar10", "resnet18", "rded", "sl-online", i): v for i, v in zip((1, 10, 50), (22.9, 37.1, 62.1))},
     **{("cifar10", "resnet18", "sre2l", "sl-online", i): v for i, v in zip((1, 10, 50), (16.6, 29.3, 45.0))},
     **{("cifar10", "resnet18", "nrrdd", "sl-online", i): v for i, v in zip((1, 10, 50), (30.3, 72.2, 84.1))},

@@ -63,7 +63,7 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
             sched.step()
         check_finite(loss, f"teacher epoch {epoch + 1}")
         val = accuracy(model, ds.val, dev)
-        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": val, "time_s": time.time() - t0})
+        history.append({"epoch": epoch + 1, "loss": loss.item(), "val_acc": val, "time_s": state.elapsed()})
         bar.set_postfix(loss=f"{loss.item():.3f}", val=f"{val:.1f}")
         state.save(model, opt, gen, epoch=epoch + 1, history=history, config=settings)
     # The final epoch's weights are the teacher: no epoch is chosen by any accuracy.
@@ -74,7 +74,8 @@ def train_teacher(cfg: TeacherConfig, out_dir, device: str = "auto", resume: boo
     save_model(out / "teacher.safetensors", model.cpu(), meta)
     state.path.unlink(missing_ok=True)
     results = {"kind": "teacher", "config": settings, "val_acc": meta["val_acc"], "test_acc": test,
-               "history": history, "wall_time_s": round(time.time() - t0, 1), "data": ds.info, **provenance()}
+               "history": history, "train_s": round(state.elapsed(), 1),
+               "wall_time_s": round(time.time() - t0, 1), "data": ds.info, **provenance()}
     write_json(out / "results.json", results)
     finish_out(out, "train-teacher", settings, {"kind": "teacher"})
     return results

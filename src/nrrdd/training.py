@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from pathlib import Path
 
@@ -79,14 +80,21 @@ def check_finite(loss: torch.Tensor, where: str) -> None:
 
 
 class TrainState:
-    """Resumable state of a training loop (model, optimiser, RNG, counters), saved atomically, loaded without pickles."""
+    """Resumable state of a training loop (model, optimiser, RNG, counters), saved atomically, loaded without pickles.
+    It also keeps the seconds trained so far, so a run resumed near its end still reports its whole cost (the
+    work between the last save and a kill is lost, and not counted)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Path | None):
+        self.path = Path(path) if path else None  # None: a run that only keeps time, never saves
+        self.before_s, self.t0 = 0.0, time.time()
+
+    def elapsed(self) -> float:
+        """Seconds of training in this process plus those recorded by the runs it resumed."""
+        return self.before_s + time.time() - self.t0
 
     def save(self, model, opt, gen: torch.Generator, **counters) -> None:
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                 "torch_rng": torch.get_rng_state(), **counters}
+                 "torch_rng": torch.get_rng_state(), "train_s": self.elapsed(), **counters}
         with atomic_path(self.path) as tmp:
             torch.save(state, tmp)
 
@@ -110,6 +118,7 @@ class TrainState:
             torch.set_rng_state(state.pop("torch_rng"))
         except Exception as e:
             raise self._unreadable(e) from None
+        self.before_s, self.t0 = float(state.pop("train_s", 0.0)), time.time()
         return state
 
     def _unreadable(self, e: Exception) -> NrrddError:
@@ -121,4 +130,4 @@ class TrainState:
                           "afresh, or pass --overwrite")
 
     def exists(self) -> bool:
-        return self.path.exists()
+        return self.path is not None and self.path.exists()
