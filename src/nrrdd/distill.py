@@ -90,7 +90,7 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
 
     # ---- stage 3: write images, labels, pictures, manifest
     t = time.time()
-    images, before = (to_uint8(v, teacher.mean, teacher.std).cpu() for v in (x, x0))
+    images = to_uint8(x, teacher.mean, teacher.std).cpu()
     counts = [0] * ds.num_classes
     names = []
     for img, c in zip(images, y.tolist()):
@@ -101,7 +101,8 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     write_json(out / "selection.json", records)
     image_grid(out / "pictures" / "grid.png", images, y, shown)
     show = torch.stack([torch.nonzero(y == c)[0, 0] for c in range(min(ds.num_classes, 6))])
-    refinement_panel(out / "pictures" / "refinement.png", before[show], images[show], cam[show].cpu(),
+    before = to_uint8(x0[show.to(x0.device)], teacher.mean, teacher.std).cpu()  # the shown ones only
+    refinement_panel(out / "pictures" / "refinement.png", before, images[show], cam[show].cpu(),
                      refinement_mask(cam[show.to(cam.device)], cfg)[:, 0].cpu(), [shown[int(c)] for c in y[show]])
     timings["write_s"] = round(time.time() - t, 2)
     timings["total_s"] = round(time.time() - t0, 2)

@@ -86,7 +86,6 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
     device = x0.device
     teacher.eval().requires_grad_(False)
     cam = class_activation_maps(teacher, x0, y)
-    mask = refinement_mask(cam, cfg)
     if cfg.refine == "none" or cfg.iterations == 0:
         return x0.clone(), cam
     lo = teacher.normalize(torch.zeros(1, x0.shape[1], 1, 1, device=device))
@@ -100,7 +99,7 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
         if files[b] is not None and files[b].exists():
             continue
         idx = batches[b].to(device)
-        out[idx] = refine_batch(teacher, x0[idx], y[idx], mask[idx], cfg, lo, hi,
+        out[idx] = refine_batch(teacher, x0[idx], y[idx], refinement_mask(cam[idx], cfg), cfg, lo, hi,
                                 class_generator(cfg.seed, b, stream=1), progress=progress)
         if files[b] is not None:
             save_tensors(files[b], {"x": out[idx].detach().cpu()})
