@@ -125,23 +125,19 @@ class _Tree:
             self.zip, self.pid = zipfile.ZipFile(self.zip.filename), os.getpid()
         return self.zip.read("/".join(p for p in (self.prefix, rel) if p))
 
-    def stat_key(self, rels: list[str]) -> str:
-        """Cheap fingerprint of the listed files (names, sizes, times) for cache invalidation."""
-        return self._digest(rels, times=True)
-
-    def content_key(self, rels: list[str]) -> str:
-        """Fingerprint of the listed files that survives a copy (names and sizes; CRCs in a zip): tells whether
-        a teacher saw these files, where stat_key only guards the cache."""
-        return self._digest(rels, times=False)
-
-    def _digest(self, rels: list[str], times: bool) -> str:
+    def fingerprints(self, rels: list[str]) -> tuple[str, str]:
+        """Two fingerprints of the listed files from one pass over their stats: (names, sizes, times) guards
+        the decode cache; (names, sizes; CRCs in a zip) survives a copy and tells whether a teacher saw these
+        files."""
         if self.zip is None:
             stats = [(r, os.stat(os.path.join(self.root, r))) for r in rels]
-            parts = [f"{r}:{s.st_size}" + (f":{s.st_mtime_ns}" if times else "") for r, s in stats]
+            sized = [f"{r}:{st.st_size}" for r, st in stats]
+            timed = [f"{p}:{st.st_mtime_ns}" for p, (_, st) in zip(sized, stats)]
         else:  # a member's CRC is its content: the same with or without times
             info = {i.filename: i for i in self.zip.infolist()}
-            parts = [f"{r}:{(i := info['/'.join(p for p in (self.prefix, r) if p)]).file_size}:{i.CRC}" for r in rels]
-        return sha256_bytes("\n".join(parts).encode())
+            sized = timed = [f"{r}:{(i := info['/'.join(p for p in (self.prefix, r) if p)]).file_size}:{i.CRC}"
+                             for r in rels]
+        return tuple(sha256_bytes("\n".join(parts).encode()) for parts in (timed, sized))
 
     def where(self, rel: str = "") -> str:
         return os.path.join(self.root, rel) if rel else self.root
@@ -242,14 +238,14 @@ def load_image_folder(root, size: int | None = None, use_cache: bool = True, pro
     the decoded images would pass `decode_limit_bytes()`.
     """
     tree, classes, items = scan_image_folder(root)
-    key = tree.stat_key([r for r, _ in items])
+    key, files_digest = tree.fingerprints([r for r, _ in items])
     if size is None:
         size = decode_image(tree.read(items[0][0]), tree.where(items[0][0]), None).shape[0]
     # the source path is part of the key: look-alike trees (train/ and test/ unpacked from one archive, with
     # the same names, sizes and times) must not share a cache entry
     cache = cache_dir() / f"{sha256_bytes(f'{os.path.abspath(tree.where())}:{key}:{size}'.encode())[:24]}.npz"
     info = {"source": tree.where(), "files": len(items), "fingerprint": key, "image_size": size,
-            "files_digest": tree.content_key([r for r, _ in items])}
+            "files_digest": files_digest}
     listed = LazyImages(tree, [r for r, _ in items], size)
     labels = np.array([lab for _, lab in items], np.int64)
     if lazy == "auto":
