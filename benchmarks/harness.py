@@ -88,12 +88,13 @@ def distill_job(b: Bench, cell: dict) -> str:
 def student_settings(b: Bench, cell: dict) -> dict:
     """The cell's StudentConfig fields: its named "recipe" (default rded-300) under the config's and the cell's
     own student settings."""
-    from nrrdd.config import RECIPES
+    from nrrdd import NrrddError
+    from nrrdd.config import recipe_fields
     merged = {**b.student, **cell["student"]}
-    name = merged.pop("recipe", "rded-300")
-    if name not in RECIPES:
-        raise SystemExit(f"{cell['id']}: unknown student recipe '{name}'; recipes: {', '.join(RECIPES)}")
-    return {**RECIPES[name], **merged}
+    try:
+        return {**recipe_fields(merged.pop("recipe", "rded-300")), **merged}
+    except NrrddError as e:
+        raise SystemExit(f"{cell['id']}: {e}")
 
 
 def eval_job(b: Bench, cell: dict) -> dict:

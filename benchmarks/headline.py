@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from screen_summary import describe, merge_seeds, recipe_of, synthesis_of
+from screen_summary import describe, merge_seeds, random_rows, recipe_of, synthesis_of
 
 from nrrdd.config import recipe_name
 
@@ -45,11 +45,13 @@ def table(records: list[dict]) -> str:
     from nrrdd.report import PAPER, matched_difference
     lines = ["| data | IPC | student recipe | preset | seeds | val top-1 | test top-1 | over random (test / val, same "
              "seeds) | paper (test) | distill (s) | one student (s) | record |", "|" + "---|" * 12]
+    def row_key(r: dict) -> tuple:
+        return r["data"], r["ipc"], recipe_of(r)
+    random = random_rows(records, row_key)
     rows = sorted(records, key=lambda r: (r["data"], r["ipc"], recipe_of(r), ORDER.index(r["preset"])
                                           if r["preset"] in ORDER else 99))
     for r in rows:
-        base = next((o for o in records if o["preset"] == "random" and (o["data"], o["ipc"], recipe_of(o)) ==
-                     (r["data"], r["ipc"], recipe_of(r))), None)
+        base = random.get(row_key(r))
         gain = "—" if base is None or base is r else \
             f"{matched_difference(r, base):+.2f} / {matched_difference(r, base, 'val_acc'):+.2f}"
         paper = PAPER.get((r["data"], r["config"]["student"], r["preset"], "sl-online", r["ipc"]))
@@ -58,7 +60,8 @@ def table(records: list[dict]) -> str:
         distill = f"{t['total_s']:.0f}" if t else "–"
         lines.append(f"| {r['data']} | {r['ipc']} | {describe(recipe_of(r))} | {r['preset']} | {len(r['seeds'])} | "
                      f"{r['val_mean']:.2f} | {r['test_mean']:.2f}{std} | {gain} | {paper or '–'} | {distill} | "
-                     f"{statistics.mean(s['time_s'] for s in r['per_seed']):.0f} ({r.get('device', 'cpu')}) | {r['_file']} |")
+                     f"{statistics.mean(s['time_s'] for s in r['per_seed']):.0f} ({r.get('device', 'cpu')}) | "
+                     f"{r['_file']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,7 +41,8 @@ def describe(key: tuple) -> str:
     from nrrdd.config import recipe_name
     named = dict(zip(RECIPE + ("beta",), key))
     name = recipe_name(named)
-    parts = [(f"{name}: " if name != "custom" else "") + f"{named['epochs']} epochs", f"beta {named['beta']}" + (" unstitched" if named["unstitch"] else "")]
+    parts = [(f"{name}: " if name != "custom" else "") + f"{named['epochs']} epochs",
+             f"beta {named['beta']}" + (" unstitched" if named["unstitch"] else "")]
     if named["crop_min"] not in (None, 1.0):
         parts.append(f"crop {named['crop_min']}-1")
     if named["ema"]:
@@ -79,10 +80,16 @@ def shared(trials: list[dict]) -> str:
         return " / ".join(str(v) for v in sorted({get(t) for t in trials}, key=str))
     return (f"Data {values(lambda t: t.get('data'))}, IPC {values(lambda t: t.get('ipc'))}, "
             f"{values(lambda t: t['config'].get('student'))} students, labels "
-            f"{values(lambda t: t['config'].get('label_mode'))} (T = {values(lambda t: t['config'].get('temperature'))}) "
+            f"{values(lambda t: t['config'].get('label_mode'))} "
+            f"(T = {values(lambda t: t['config'].get('temperature'))}) "
             f"from teacher `{values(lambda t: Path(t['teacher']).name)}`; each row's seeds are its own, and the gain "
             f"over random is taken on the seeds both rows trained. Wall times are per record, of one thread beside "
             f"another job.")
+
+
+def random_rows(rows: list[dict], key=recipe_of) -> dict:
+    """The random-real-images row of each key (by default each recipe): the baseline of every row with that key."""
+    return {key(r): r for r in rows if r.get("preset") == "random"}
 
 
 def write_summary(folder: Path, note: str = "") -> None:
@@ -90,9 +97,9 @@ def write_summary(folder: Path, note: str = "") -> None:
     from nrrdd.report import matched_difference
     trials = [{**json.loads(f.read_text()), "_file": f.name} for f in sorted(folder.glob("*.json"))]
     trials = merge_seeds([t for t in trials if t.get("kind") == "evaluation"])
-    random = {recipe_of(t): t for t in trials if t.get("preset") == "random"}
-    lines = ["| recipe | preset | seeds | val top-1 | val, seed 0 | gain over random (val, same seeds) | test top-1 | wall (s) | file |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    random = random_rows(trials)
+    lines = ["| recipe | preset | seeds | val top-1 | val, seed 0 | gain over random (val, same seeds) | test top-1 "
+             "| wall (s) | file |", "|" + "---|" * 9]
     for t in sorted(trials, key=lambda t: (recipe_of(t), t.get("preset") != "random", t.get("preset"))):
         base = random.get(recipe_of(t))
         gain = "—" if base is None or base is t else f"{matched_difference(t, base, 'val_acc'):+.2f}"

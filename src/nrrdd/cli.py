@@ -130,8 +130,9 @@ def cmd_demo(a) -> int:
     results = []
     for preset in ("nrrdd", "rded", "random"):
         # 60 refinement steps instead of 300: digits' 8x8 sources upsampled to 32 px have little to refine
-        d = distill(ds, out / "teacher" / "teacher.safetensors", preset_config(preset, {"ipc": a.ipc, "iterations": 60}),
-                    out / f"distilled_{preset}", preset=preset, device=a.device, resume=True, progress=progress)
+        d = distill(ds, out / "teacher" / "teacher.safetensors",
+                    preset_config(preset, {"ipc": a.ipc, "iterations": 60}), out / f"distilled_{preset}",
+                    preset=preset, device=a.device, resume=True, progress=progress)
         r = evaluate(out / f"distilled_{preset}", StudentConfig(width=32, epochs=80, seeds=2, data="digits"),
                      out / f"eval_{preset}", device=a.device, resume=True, progress=progress, data=ds)
         results.append(r)

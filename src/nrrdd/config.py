@@ -287,10 +287,15 @@ TRAINING_FIELDS = ("student", "width", "norm", "epochs", "batch_size", "lr", "we
                    "temperature", "mix", "mix_alpha", "crop_min", "flip", "ema", "unstitch")
 
 
-def recipe_config(name: str, *overrides) -> StudentConfig:
+def recipe_fields(name: str) -> dict:
+    """The StudentConfig fields a named recipe sets (the rest keep StudentConfig's defaults)."""
     if name not in RECIPES:
         raise NrrddError(f"unknown student recipe '{name}'; recipes: {', '.join(RECIPES)}")
-    return build_config(StudentConfig, RECIPES[name], *overrides)
+    return RECIPES[name]
+
+
+def recipe_config(name: str, *overrides) -> StudentConfig:
+    return build_config(StudentConfig, recipe_fields(name), *overrides)
 
 
 def recipe_name(cfg: dict) -> str:

@@ -560,7 +560,7 @@ def random_crop_flip(x: torch.Tensor, pad: int, gen: torch.Generator | None = No
         dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen).to(dev)
         rows = (dy[:, None] + torch.arange(h, device=dev)[None])  # (n, h)
         cols = (dx[:, None] + torch.arange(w, device=dev)[None])  # (n, w)
-        x = xp[torch.arange(n, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None],
-               rows[:, None, :, None], cols[:, None, None, :]]
+        index, channel = torch.arange(n, device=dev), torch.arange(x.shape[1], device=dev)
+        x = xp[index[:, None, None, None], channel[None, :, None, None], rows[:, None, :, None], cols[:, None, None, :]]
     flip = (torch.rand(n, generator=gen) < 0.5).to(dev)
     return torch.where(flip[:, None, None, None], x.flip(3), x)

@@ -31,7 +31,8 @@ def train_student(images, labels, num_classes, spec: PlanSpec, cfg: StudentConfi
                   stats, teacher=None, payload=None, state_path=None, progress=True, ddp=False, name="student"):
     """Train one student from scratch on the plan, normalising its inputs with `stats` (mean, std); returns the
     model after the final epoch (with `cfg.ema`, the moving average of its weights instead) and the seconds it
-    trained, those of the runs it resumed included. With `ddp` (inside a torchrun process group) every rank trains the same model on its rows of each batch."""
+    trained, those of the runs it resumed included. With `ddp` (inside a torchrun process group) every rank
+    trains the same model on its rows of each batch."""
     plan = {k: v.to(device) for k, v in make_plan(spec).items()}
     mode = label_mode(cfg.label_mode)
     gen = torch.Generator().manual_seed(seed)

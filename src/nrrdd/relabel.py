@@ -238,7 +238,8 @@ def images_digest(images: torch.Tensor) -> str:
     return sha256_bytes(images.contiguous().numpy().tobytes())
 
 
-def plan_spec(cfg: StudentConfig, n: int, num_classes: int, image_size: int, recorded_ipc: int | None = None) -> PlanSpec:
+def plan_spec(cfg: StudentConfig, n: int, num_classes: int, image_size: int,
+              recorded_ipc: int | None = None) -> PlanSpec:
     """The label plan of a student recipe on n images; relabel and evaluate both derive it here, so the batch
     size of stored labels always matches the student's."""
     bs = cfg.batch_size or auto_batch_size(images_per_class(n, num_classes, recorded_ipc), num_classes, n)

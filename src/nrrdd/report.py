@@ -112,8 +112,8 @@ def fair_metrics(r: dict, results: list[dict]) -> dict:
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = [REPORT_HEADER, "", "| data | student | preset | labels | IPC | test top-1 (mean ± std) | seeds | val top-1 | "
-             "paper | IOR | HLR | LRS | label payload (B) | wall (s) | from |", "|---" * 15 + "|"]
+    lines = [REPORT_HEADER, "", "| data | student | preset | labels | IPC | test top-1 (mean ± std) | seeds "
+             "| val top-1 | paper | IOR | HLR | LRS | label payload (B) | wall (s) | from |", "|---" * 15 + "|"]
     for r in sorted(results, key=lambda r: (row_key(r)[4], row_key(r)[1], row_key(r)[2], row_key(r)[3])):
         k = row_key(r)
         paper = PAPER.get(k if k[3] != "sl-stored" else (*k[:3], "sl-online", k[4]))

@@ -135,7 +135,8 @@ def provenance() -> dict:
         commit, dirty = None, None
     import torchvision
     return {
-        "schema_version": SCHEMA_VERSION, "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty, "source_sha256": source_digest(),
+        "schema_version": SCHEMA_VERSION, "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty,
+        "source_sha256": source_digest(),
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "numpy": np.__version__, "machine": platform.node(), "processor": platform.machine(),

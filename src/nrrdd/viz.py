@@ -63,7 +63,8 @@ def refinement_panel(path, before: torch.Tensor, after: torch.Tensor, cam: torch
                 ax.imshow(img.squeeze(), interpolation="nearest")
                 ax.imshow(cam[i].numpy(), cmap="jet", alpha=0.5, vmin=0, vmax=1)
             else:
-                ax.imshow(img.squeeze(), cmap=kind, interpolation="nearest", vmin=0, vmax=mask.max().item() if kind else None)
+                ax.imshow(img.squeeze(), cmap=kind, interpolation="nearest", vmin=0,
+                          vmax=mask.max().item() if kind else None)
             if i == 0:
                 ax.set_title(name, fontsize=8)
         axes[i][0].text(-0.1, 0.5, titles[i], transform=axes[i][0].transAxes, ha="right", va="center", fontsize=8)
