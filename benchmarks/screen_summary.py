@@ -25,7 +25,7 @@ def recipe_of(r: dict) -> tuple:
     return tuple(cfg[k] for k in RECIPE) + (beta,)
 
 
-def synthesis_of(r: dict) -> str:
+def synthesis_changes(r: dict) -> dict:
     """The synthesis settings in which a record's distilled set differs from its preset (beta is in the recipe)."""
     from nrrdd import NrrddError
     from nrrdd.config import effective_settings, preset_config, to_dict
@@ -33,8 +33,12 @@ def synthesis_of(r: dict) -> str:
     try:
         preset = to_dict(preset_config(r.get("preset")))
     except NrrddError:  # a plain folder or a preset renamed since: show none
-        return ""
-    return ", ".join(f"{k} {v}" for k, v in sorted(made.items()) if k not in ("beta", "ipc") and preset.get(k) != v)
+        return {}
+    return {k: v for k, v in sorted(made.items()) if k not in ("beta", "ipc") and preset.get(k) != v}
+
+
+def synthesis_of(r: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in synthesis_changes(r).items())
 
 
 def describe(key: tuple) -> str:

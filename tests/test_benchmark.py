@@ -95,3 +95,32 @@ def test_ddranking_check_writes_cifar_pickles_torchvision_reads(tmp_path):
     assert np.array_equal(tr.data, train[0].transpose(0, 2, 3, 1))  # torchvision keeps HWC
     img, label = te[2]
     assert label == 2 and torch.equal(torch.from_numpy(np.array(img)), torch.from_numpy(test[0][2]).permute(1, 2, 0))
+
+
+def test_ablation_sets_each_change_against_the_record_it_builds_on():
+    """Hand-made records: a setting is measured against the same preset with the most settings in common, a
+    preset against the one it adds to under the same settings (or random when that one is missing), each on
+    the seeds both trained."""
+    sys.path.insert(0, str(HARNESS.parent))
+    import ablation
+
+    def rec(name, preset, val, epochs=300, beta=1, unstitch=False, seeds=(0,)):
+        per_seed = [{"seed": s, "val_acc": val + s, "test_acc": val + s + 1} for s in seeds]
+        return {"kind": "evaluation", "_file": name, "data": "d", "ipc": 1, "teacher": "t.safetensors",
+                "preset": preset, "seeds": list(seeds), "per_seed": per_seed, "wall_time_s": 1.0,
+                "config": {"epochs": epochs, "unstitch": unstitch}, "distilled_config": {"beta": beta},
+                "val_mean": val, "test_mean": val + 1}
+
+    records = [rec("r300", "random", 20.0, seeds=(0, 1)), rec("c300", "cidd", 25.0, seeds=(0, 1, 2)),
+               rec("c1000", "cidd", 30.0), rec("c1000b4", "cidd", 37.0, epochs=1000, beta=4, unstitch=True),
+               rec("n300", "nrrdd", 24.5)]
+    records[2]["config"]["epochs"] = 1000
+    found = {(a["preset"], a["change"]): a for a in ablation.rows(records)}
+    assert found["cidd", "epochs 1000"]["on"] == "its preset, rded-300" and found["cidd", "epochs 1000"]["val"] == 5.0
+    mf = found["cidd", "beta 4, unstitch"]
+    assert (mf["on"], mf["val"], mf["test"], mf["seeds"]) == ("epochs 1000", 7.0, 7.0, 1)
+    refine = found["nrrdd", ablation.PARENT["nrrdd"][1]]
+    assert (refine["val"], refine["files"]) == (-0.5, "n300 vs c300")
+    # no rded record: cidd is measured against random, on seeds 0 and 1 (25 - 20 each)
+    assert found["cidd", "cidd over random real images"]["val"] == 5.0
+    assert found["cidd", "cidd over random real images"]["seeds"] == 2 and len(found) == 4
