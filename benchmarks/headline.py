@@ -20,6 +20,9 @@ from nrrdd.config import recipe_name
 
 
 ORDER = ("random", "rded", "sre2l", "cidd", "nrrdd", "nrrdd-lr")
+# the best published ConvNet-3 figure per data set and IPC (../shared/docs/anchors.md; protocols differ)
+ANCHORS = {("cifar10", 1): "NCFM 49.5", ("cifar10", 10): "NCFM 71.8", ("cifar10", 50): "NCFM 77.4",
+           ("cifar100", 1): "NRR-DD 27.3", ("cifar100", 10): "NRR-DD 55.7", ("cifar100", 50): "NRR-DD 61.1"}
 
 
 def load(folders: list[str]) -> list[dict]:
@@ -65,6 +68,30 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def chosen(records: list[dict]) -> str:
+    """One row per data set and IPC under the recipe chosen on validation (the one in which some preset scores
+    highest), every preset's test top-1 in it, and the best preset's gain over random."""
+    from nrrdd.report import PAPER, matched_difference
+    lines = ["| data | IPC | recipe (chosen on val) | " + " | ".join(ORDER) + " | best over random (test / val) "
+             "| paper (NRR-DD) | best published | one student (s) |", "|" + "---|" * (len(ORDER) + 7)]
+    for data, ipc in sorted({(r["data"], r["ipc"]) for r in records}):
+        mine = [r for r in records if (r["data"], r["ipc"]) == (data, ipc)]
+        top = max((r for r in mine if r["preset"] != "random"), key=lambda r: r["val_mean"], default=None)
+        if top is None:
+            continue
+        row = {r["preset"]: r for r in mine if recipe_of(r) == recipe_of(top)}
+        cells = [f"{row[p]['test_mean']:.1f}" + ("" if len(row[p]["seeds"]) >= 3 else f" ({len(row[p]['seeds'])} "
+                 "seed)") if p in row else "–" for p in ORDER]
+        base = row.get("random")
+        gain = "–" if base is None else \
+            f"{matched_difference(top, base):+.2f} / {matched_difference(top, base, 'val_acc'):+.2f} ({top['preset']})"
+        paper = PAPER.get((data, "convnet3", "nrrdd", "sl-online", ipc), "–")
+        lines.append(f"| {data} | {ipc} | {describe(recipe_of(top))} | " + " | ".join(cells) + f" | {gain} | "
+                     f"{paper} | {ANCHORS.get((data, ipc), '–')} | "
+                     f"{statistics.mean(s['time_s'] for s in top['per_seed']):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="+", help="folders of evaluation records")
@@ -79,7 +106,9 @@ def main() -> None:
             "inside each student. The paper "
             "column: NRR-DD's Table 1 (ConvNet) for nrrdd and for rded (the RDED figure it quotes), its CIDD "
             "ablation for cidd.\n\n")
-    Path(a.out).write_text(head + table(load(a.folders)))
+    records = load(a.folders)
+    Path(a.out).write_text(head + "## Under the recipe chosen on validation\n\n" + chosen(records) +
+                           "\n## Every preset under every named recipe\n\n" + table(records))
     print(Path(a.out).read_text())
 
 
