@@ -114,6 +114,7 @@ def eval_job(b: Bench, cell: dict) -> dict:
 
 _POOL: ProcessPoolExecutor | None = None
 PLAN = False  # --plan: list the cells a step would compute, compute nothing
+ONLY: set[str] = set()  # --trials: the trial ids to run (none given: all)
 
 
 def run_all(jobs: list[tuple], workers: int) -> list:
@@ -276,6 +277,7 @@ def trials(b: Bench, folder: str, trials: list[dict]) -> None:
     """Free-form cells, one record each in results/<folder>/<id>.json: {id, preset, synth: {...} (ipc 10
     unless given), student: {...} (seeds 1 unless given)}, or {id, distilled: folder, student} to evaluate an
     existing distilled set. For screens and ablations beside the random row."""
+    trials = [t for t in trials if not ONLY or t["id"] in ONLY]
     cells = [{"id": t["id"], "preset": t.get("preset"), "overrides": {"ipc": 10, **t.get("synth", {})},
               "student": {"seeds": 1, **t.get("student", {})}, "distilled": t.get("distilled"),
               "dest": str(b.path(b.results) / folder / f"{t['id']}.json")} for t in trials]
@@ -378,6 +380,8 @@ def main() -> None:
                    "run nothing")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override top-level config fields, "
                    "e.g. workers=14 device=cuda data=.gpu/cifar10")
+    p.add_argument("--trials", nargs="+", default=[], metavar="ID", help="run only these trials of the trials steps "
+                   "(so that two processes can share a config's trials without running one twice)")
     a = p.parse_args()
     b = load_bench(a.config, a.set)
     for step in b.steps:
@@ -385,8 +389,11 @@ def main() -> None:
             raise SystemExit(f"{a.config}: unknown step {step.get('do')!r}; steps: {', '.join(STEPS)}")
     if b.threads and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(b.threads)  # spawned workers read it when torch loads
-    global PLAN
-    PLAN, t0 = a.plan, time.time()
+    unknown = set(a.trials) - {t["id"] for step in b.steps for t in step.get("trials", [])}
+    if unknown:
+        raise SystemExit(f"{a.config}: no trials {', '.join(sorted(unknown))}")
+    global PLAN, ONLY
+    PLAN, ONLY, t0 = a.plan, set(a.trials), time.time()
     for step in b.steps:
         if (a.steps and step["do"] not in a.steps) or (a.plan and step["do"] not in ("grid", "trials")):
             continue

@@ -10,14 +10,14 @@ from pathlib import Path
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
 
 
-def run_bench(tmp_path, steps, **fields):
+def run_bench(tmp_path, steps, *args, **fields):
     config = {"results": str(tmp_path / "results" / "digits_bench"), "teacher": fields.pop("teacher"),
               "data": "digits", "work": str(tmp_path / "work"), "device": "cpu",
               "synth": {"iterations": 2, "pool_per_class": 10}, "student": {"epochs": 2, "width": 16},
               "steps": steps, **fields}
     f = tmp_path / "bench.json"
     f.write_text(json.dumps(config))
-    r = subprocess.run([sys.executable, str(HARNESS), str(f)], env={**os.environ, "OMP_NUM_THREADS": "1"},
+    r = subprocess.run([sys.executable, str(HARNESS), str(f), *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return Path(config["results"])
@@ -51,9 +51,11 @@ def test_trials_beside_random_and_their_summary(tmp_path, digits_teacher):
     trials = [{"id": "random", "preset": "random", "synth": {"ipc": 2}},
               {"id": "cidd_diverse", "preset": "cidd", "synth": {"ipc": 2, "select": "diverse"}},
               {"id": "cidd_e3", "preset": "cidd", "synth": {"ipc": 2}, "student": {"epochs": 3}}]
-    results = run_bench(tmp_path, [{"do": "trials", "folder": "screen", "trials": trials},
-                                   {"do": "screen_summary", "folder": "screen", "note": "Digits smoke."}],
-                        teacher=str(digits_teacher))
+    steps = [{"do": "trials", "folder": "screen", "trials": trials},
+             {"do": "screen_summary", "folder": "screen", "note": "Digits smoke."}]
+    results = run_bench(tmp_path, steps[:1], "--trials", "random", teacher=str(digits_teacher))
+    assert [p.name for p in (results / "screen").glob("*.json")] == ["random.json"]  # the others wait
+    results = run_bench(tmp_path, steps, teacher=str(digits_teacher))
     recs = {p.stem: json.loads(p.read_text()) for p in (results / "screen").glob("*.json")}
     assert sorted(recs) == ["cidd_diverse", "cidd_e3", "random"]
     assert recs["cidd_diverse"]["distilled_config"]["select"] == "diverse"
