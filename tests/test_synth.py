@@ -225,6 +225,30 @@ def test_refine_batch_hand_mask_with_label_refinement(tiny_teacher):
     assert torch.equal(out, again)
 
 
+def test_refinement_effect_on_a_hand_made_change(tiny_teacher):
+    """+10/255 on the left half, where a hand-made CAM is 0 (non-critical): inside |change| 10, outside 0."""
+    g = torch.Generator().manual_seed(8)
+    u8 = torch.randint(0, 246, (4, 3, 32, 32), generator=g, dtype=torch.uint8)
+    moved = u8.clone()
+    moved[..., :16] += 10
+    x0, x, y = normalize(u8, MEAN, STD), normalize(moved, MEAN, STD), torch.tensor([0, 1, 2, 0])
+    cam = torch.ones(4, 32, 32)
+    cam[..., :16] = 0
+    cfg = SynthConfig(refine="masked", epsilon=0.5, refine_batch=3)
+    e = refine.refinement_effect(tiny_teacher, x0, x, y, cam, cfg)
+    assert e["pixels_255"] == {"inside": {"mean": 10.0, "max": 10.0}, "outside": {"mean": 0.0, "max": 0.0}}
+    assert e["inside_fraction"] == 0.5
+    with torch.no_grad():
+        p = tiny_teacher(x0).softmax(1)
+    assert e["teacher_before"]["acc"] == round(100 * (p.argmax(1) == y).float().mean().item(), 2)
+    assert e["teacher_before"]["label_prob"] == pytest.approx(p[torch.arange(4), y].mean().item(), abs=1e-4)
+    assert e["teacher_before"]["bn_distance"] > 0
+    assert e["teacher_after"] != e["teacher_before"]
+    same = refine.refinement_effect(tiny_teacher, x0, x0.clone(), y, cam, cfg)
+    assert same["pixels_255"]["inside"] == {"mean": 0.0, "max": 0.0}
+    assert same["teacher_after"] == same["teacher_before"] == e["teacher_before"]
+
+
 # ---------------------------------------------------------------- distill end to end
 
 @pytest.fixture(scope="module")
@@ -303,14 +327,21 @@ def test_nrrdd_refines_only_noncritical_pixels_and_cidd_none(preset_runs, digits
         x0, y, _ = initial_images(teacher, digits.train, 10, cfg, torch.device("cpu"),
                                   progress=False)
         x = load_file(str(out / "synthetic.safetensors"))["images"]
+        effect = json.loads((out / "distill.json").read_text()).get("refinement")
         if name == "cidd":
             assert torch.equal(x, x0)
+            assert effect is None  # nothing refined, nothing to measure
             continue
         cam = class_activation_maps(teacher, x0, y)
         critical = (cam >= cfg.epsilon)[:, None].expand_as(x0)
         assert critical.any()
         assert torch.equal(x[critical], x0[critical])
         assert (x != x0)[~critical].float().mean() > 0.5
+        # the recorded effect agrees: critical pixels unchanged, the others moved, the mask's share of pixels
+        assert effect["pixels_255"]["outside"] == {"mean": 0.0, "max": 0.0}
+        assert effect["pixels_255"]["inside"]["mean"] > 0
+        assert effect["inside_fraction"] == pytest.approx((~critical).float().mean().item(), abs=1e-4)
+        assert set(effect["teacher_after"]) == {"acc", "label_prob", "bn_distance"}
 
 
 def test_distill_beta_4(tmp_path, digits, digits_teacher):

@@ -17,7 +17,7 @@ from nrrdd.config import SynthConfig, to_dict
 from nrrdd.data import Dataset, data_mismatch, display_names, load_dataset
 from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
 from nrrdd.outdir import check_out, finish_out, open_out
-from nrrdd.refine import refine_images, refinement_mask, to_uint8
+from nrrdd.refine import refine_images, refinement_effect, refinement_mask, to_uint8
 from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance
 from nrrdd.selection import check_enough_images, initial_images
 from nrrdd.viz import image_grid, refinement_panel, save_png
@@ -84,6 +84,8 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
     t = time.time()
     x, cam = refine_images(teacher, x0, y.to(dev), cfg, work_dir=work, progress=progress)
     timings["refine_s"] = round(time.time() - t, 2)
+    refined = cfg.refine != "none" and cfg.iterations > 0
+    effect = refinement_effect(teacher, x0, x, y.to(dev), cam, cfg) if refined and is_main() else None
     if not is_main():  # rank 0 writes the outputs
         barrier()
         return {}
@@ -111,7 +113,8 @@ def distill(data: str | Dataset, teacher_path, cfg: SynthConfig, out_dir, preset
               "images": names, "mean": meta["mean"], "std": meta["std"],
               "teacher": {"path": str(teacher_path), "sha256": sha256_file(teacher_path), "arch": meta["arch"],
                           "test_acc": meta.get("test_acc")},
-              "data": {"spec": ds.name, **ds.info}, "timings": timings, "memory": peak_memory_mb(dev),
+              "data": {"spec": ds.name, **ds.info}, **({"refinement": effect} if effect else {}),
+              "timings": timings, "memory": peak_memory_mb(dev),
               **provenance()}
     write_json(out / "config.json", to_dict(cfg))
     write_json(out / "distill.json", record)

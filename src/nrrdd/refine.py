@@ -110,5 +110,46 @@ def refine_images(teacher: Net, x0: torch.Tensor, y: torch.Tensor, cfg: SynthCon
     return out, cam
 
 
+@torch.no_grad()
+def refinement_effect(teacher: Net, x0: torch.Tensor, x: torch.Tensor, y: torch.Tensor, cam: torch.Tensor,
+                      cfg: SynthConfig) -> dict:
+    """What refinement changed, batch by batch as it refined: the stored pixels' |change| (0-255) inside the
+    mask (pixels it may update) and outside it (critical pixels, which NRR keeps exactly), and what the
+    teacher sees before and after (see `teacher_view`)."""
+    batches = batch_order(y.cpu(), cfg.refine_batch)
+    change = {"inside": [0.0, 0, 0.0], "outside": [0.0, 0, 0.0]}  # sum, count, max
+    for idx in batches:
+        idx = idx.to(x.device)
+        d = (to_uint8(x[idx], teacher.mean, teacher.std).float() -
+             to_uint8(x0[idx], teacher.mean, teacher.std).float()).abs()
+        inside = (refinement_mask(cam[idx], cfg) > 0).expand_as(d)
+        for part, v in (("inside", d[inside]), ("outside", d[~inside])):
+            if v.numel():
+                c = change[part]
+                c[0], c[1], c[2] = c[0] + v.sum().item(), c[1] + v.numel(), max(c[2], v.max().item())
+    pixels = sum(c[1] for c in change.values())
+    return {"pixels_255": {k: {"mean": round(s / max(n, 1), 4), "max": m} for k, (s, n, m) in change.items()},
+            "inside_fraction": round(change["inside"][1] / pixels, 4),
+            "teacher_before": teacher_view(teacher, x0, y, batches, cfg.first_bn_weight),
+            "teacher_after": teacher_view(teacher, x, y, batches, cfg.first_bn_weight)}
+
+
+@torch.no_grad()
+def teacher_view(teacher: Net, x: torch.Tensor, y: torch.Tensor, batches: list[torch.Tensor],
+                 first_bn_weight: float) -> dict:
+    """The teacher's top-1 accuracy (%) on x, its mean probability of the labelled class, and the mean over
+    batches of the BN-statistic distance to its running statistics (Eq. 3, the term refinement can lower)."""
+    bn, correct, prob, dist = BNStats(teacher), 0, 0.0, 0.0
+    for idx in batches:
+        idx = idx.to(x.device)
+        with bn:
+            p = teacher(x[idx]).softmax(1)
+        correct += int((p.argmax(1) == y[idx]).sum())
+        prob += p.gather(1, y[idx, None]).sum().item()
+        dist += bn_stat_loss(bn.pop(), bn.running(), first_bn_weight).item()
+    return {"acc": round(100 * correct / len(y), 2), "label_prob": round(prob / len(y), 4),
+            "bn_distance": round(dist / len(batches), 4)}
+
+
 def to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
     return (denormalize(x, mean, std).clamp(0, 1) * 255).round().to(torch.uint8)
