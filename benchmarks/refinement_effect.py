@@ -4,7 +4,7 @@ through `nrrdd.refine.refinement_effect`: the pixels' |change| inside and outsid
 teacher's accuracy, confidence and BN-statistic distance before and after. Writes
 benchmarks/results/refinement_effect.json and .md.
 
-    python benchmarks/refinement_effect.py runs/screen_cifar10_ipc1/distilled/cidd_ipc1:runs/screen_cifar10_ipc1/distilled/nrrdd_ipc1 ...
+    python benchmarks/refinement_effect.py runs/x/distilled/cidd_ipc1:runs/x/distilled/nrrdd_ipc1 ...
 """
 from __future__ import annotations
 
