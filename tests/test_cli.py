@@ -138,3 +138,6 @@ def test_recipes_name_the_training_not_the_labels():
     assert recipe_name({"epochs": 1000, "label_mode": "dbr", "seeds": 5, "data": "cifar100"}) == "rded-1000"
     assert recipe_name(to_dict(recipe_config("rded-1000", {"lr": 0.002}))) == "custom"
     assert recipe_config("rded-1000", {"epochs": 50}).epochs == 50
+    # multi-formation: the same schedule on the decoded tiles
+    assert recipe_name({"epochs": 1000, "unstitch": True, "temperature": 20.0}) == "mf-1000"
+    assert recipe_config("mf-1000").unstitch and recipe_config("mf-1000", {"unstitch": False}).epochs == 1000
