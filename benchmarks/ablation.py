@@ -9,10 +9,9 @@ read from; test is beside for the record.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from screen_summary import RECIPE, merge_seeds, recipe_of, synthesis_changes
+from screen_summary import RECIPE, evaluation_records, merge_seeds, recipe_of, synthesis_changes
 
 
 # what each preset adds to the one it is measured against
@@ -79,16 +78,6 @@ def table(found: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load(folders: list[str]) -> list[dict]:
-    records = []
-    for folder in folders:
-        for f in sorted(Path(folder).glob("*.json")):
-            r = json.loads(f.read_text())
-            if r.get("kind") == "evaluation":
-                records.append({**r, "_file": f"{Path(folder).name}/{f.name}"})
-    return records
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("folders", nargs="+", help="folders of evaluation records")
@@ -99,7 +88,7 @@ def main() -> None:
             f"{' '.join(__doc__.split(chr(10) + chr(10))[0].split())} "
             "A setting is named as the record's config names it (`epochs 1000`, `beta 4, unstitch`); 'on top of' "
             "is what both records share. One seed is a screen: a difference under 1 point needs 3 seeds.\n\n")
-    Path(a.out).write_text(head + table(rows(load(a.folders))))
+    Path(a.out).write_text(head + table(rows(evaluation_records(a.folders))))
     print(Path(a.out).read_text())
 
 

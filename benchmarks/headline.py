@@ -10,11 +10,10 @@ whose synthesis is the preset's own (the screens' variants stay in their ablatio
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
-from screen_summary import describe, merge_seeds, random_rows, recipe_of, synthesis_of
+from screen_summary import describe, evaluation_records, merge_seeds, random_rows, recipe_of, synthesis_of
 
 from nrrdd.config import recipe_name
 
@@ -29,13 +28,8 @@ def load(folders: list[str]) -> list[dict]:
     """Evaluation records with soft labels, the preset's own synthesis and a named student recipe (other
     recipes are ablations, in the screens' tables). Seeds of one row kept in two files are joined; of two
     records of the same row on different images (a 3-seed cell and a 1-seed screen), the one with more seeds."""
-    records = []
-    for folder in folders:
-        for f in sorted(Path(folder).glob("*.json")):
-            r = json.loads(f.read_text())
-            if r.get("kind") == "evaluation" and r["config"].get("label_mode") == "sl-online" and \
-                    not synthesis_of(r) and recipe_name(r["config"]) != "custom":
-                records.append({**r, "_file": f"{Path(folder).name}/{f.name}"})
+    records = [r for r in evaluation_records(folders) if r["config"].get("label_mode") == "sl-online" and
+               not synthesis_of(r) and recipe_name(r["config"]) != "custom"]
     best: dict[tuple, dict] = {}
     for r in merge_seeds(records):
         key = (r["data"], r["ipc"], recipe_of(r), r["preset"])

@@ -91,6 +91,17 @@ def shared(trials: list[dict]) -> str:
             f"another job.")
 
 
+def evaluation_records(folders: list[str]) -> list[dict]:
+    """Every evaluation record in the folders, named by folder/file for the tables."""
+    records = []
+    for folder in folders:
+        for f in sorted(Path(folder).glob("*.json")):
+            r = json.loads(f.read_text())
+            if r.get("kind") == "evaluation":
+                records.append({**r, "_file": f"{Path(folder).name}/{f.name}"})
+    return records
+
+
 def random_rows(rows: list[dict], key=recipe_of) -> dict:
     """The random-real-images row of each key (by default each recipe): the baseline of every row with that key."""
     return {key(r): r for r in rows if r.get("preset") == "random"}
