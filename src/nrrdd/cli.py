@@ -246,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
         _no_verify(s, "a distilled folder")
         s.add_argument("--recipe", default="rded-300", help=f"named student recipe: {', '.join(RECIPES)} (default: "
                        "rded-300, the paper's and RDED's protocol; rded-1000: the same for 1,000 epochs; mf-1000: "
-                       "rded-1000 on the tiles of a set distilled with --beta 4, best at IPC 1); --config and flags "
-                       "override its fields" + (" (relabel reads its label plan: epochs, batches, mixes)"
+                       "rded-1000 on the tiles of a set distilled with --beta 4; mf-2000: the same for 2,000 epochs, best "
+                       "at IPC 1); --config and flags override its fields" + (" (relabel reads its label plan: epochs, batches, mixes)"
                                                           if only else ""))
         add_config_args(s, StudentConfig, "student recipe and labels" if only is None else "label plan", only)
         _common(s)
