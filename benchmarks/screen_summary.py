@@ -42,7 +42,7 @@ def synthesis_of(r: dict) -> str:
 
 
 def describe(key: tuple) -> str:
-    from nrrdd.config import recipe_name
+    from nrrdd.config import StudentConfig, recipe_name
     named = dict(zip(RECIPE + ("beta",), key))
     name = recipe_name(named)
     parts = [(f"{name}: " if name != "custom" else "") + f"{named['epochs']} epochs",
@@ -51,6 +51,8 @@ def describe(key: tuple) -> str:
         parts.append(f"crop {named['crop_min']}-1")
     if named["ema"]:
         parts.append(f"EMA {named['ema']}")
+    if named["temperature"] not in (None, StudentConfig.temperature):
+        parts.append(f"T {named['temperature']:g}")
     return ", ".join(parts)
 
 
