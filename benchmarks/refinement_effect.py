@@ -50,7 +50,8 @@ def table(rows: list[dict]) -> str:
         px, b, a = r["pixels_255"], r["teacher_before"], r["teacher_after"]
         bn = f", alpha_bn {r['alpha_bn']}" if r["alpha_bn"] else ""
         lines.append(f"| {r['data']} | {r['ipc']} | {r['beta']} | {r['preset']} ({r['refine']}, eps {r['epsilon']}, "
-                     f"{r['iterations']} it, lr {r['lr']}{bn}) | {px['inside']['mean']:.2f} / {px['inside']['max']:.0f} "
+                     f"{r['iterations']} it, lr {r['lr']}{bn}) "
+                     f"| {px['inside']['mean']:.2f} / {px['inside']['max']:.0f} "
                      f"| {px['outside']['mean']:.2f} / {px['outside']['max']:.0f} | {r['inside_fraction']:.2f} "
                      f"| {b['acc']:.1f} → {a['acc']:.1f} | {b['label_prob']:.3f} → {a['label_prob']:.3f} "
                      f"| {b['bn_distance']:.2f} → {a['bn_distance']:.2f} |")
