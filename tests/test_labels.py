@@ -227,6 +227,27 @@ def test_student_loss_onehot_is_mixed_label_ce():
     assert got.item() == pytest.approx(want, rel=1e-6)
 
 
+def test_student_loss_mse_with_hard_ce_hand_value():
+    # EDC's loss: mean squared logit difference plus 0.025 x the mixed hard-label cross-entropy
+    cfg = StudentConfig(soft_loss="mse", hard_ce=0.025)
+    logits, teacher = torch.tensor([[1.0, 0.0]]), torch.tensor([[3.0, 1.0]])
+    y_org, y_aug, lam = torch.tensor([0]), torch.tensor([1]), torch.tensor([0.7])
+    mse = ((1 - 3) ** 2 + (0 - 1) ** 2) / 2  # 2.5, mean over the two classes
+    ce = math.log(1 + math.e) - 0.7  # target (0.7, 0.3), as in the one-hot test above
+    for mode in ("sl-online", "sl-stored"):
+        got = student_loss(mode, logits, y_org, y_aug, lam, {"logits": teacher}, cfg, 2)
+        assert got.item() == pytest.approx(mse + 0.025 * ce, rel=1e-6)
+    # the temperature plays no part in the MSE, and KL keeps its value when only hard_ce is added
+    cfg_t = StudentConfig(soft_loss="mse", hard_ce=0.025, temperature=3.0)
+    assert student_loss("sl-online", logits, y_org, y_aug, lam, {"logits": teacher}, cfg_t, 2).item() == \
+        pytest.approx(mse + 0.025 * ce, rel=1e-6)
+    kl = student_loss("sl-online", logits, y_org, y_aug, lam, {"logits": teacher}, StudentConfig(), 2)
+    kl_ce = student_loss("sl-online", logits, y_org, y_aug, lam, {"logits": teacher}, StudentConfig(hard_ce=1.0), 2)
+    assert kl_ce.item() == pytest.approx(kl.item() + ce, rel=1e-6)
+    with pytest.raises(NrrddError, match="hard_ce"):
+        StudentConfig(hard_ce=-1.0)
+
+
 def test_student_loss_soft_dbr_compact_hand_values():
     T = 5.0
     cfg = StudentConfig(temperature=T, r=0.6931, alpha_dbr=0.5)

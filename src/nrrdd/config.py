@@ -236,6 +236,10 @@ class StudentConfig:
     cosine_span: float = help_field(2.0, "lr factor 0.5(1 + cos(pi e / (span E))): 2 ends at 0.5 (RDED), 1 at 0 "
                                     "(SRe2L)")
     temperature: float = help_field(20.0, "soft-label temperature T (KL at T, no T^2 factor)")
+    soft_loss: str = help_field("kl", "soft-label loss: KL at T (RDED) or MSE on the logits (EDC; T unused)",
+                                ("kl", "mse"))
+    hard_ce: float = help_field(0.0, "weight of a cross-entropy on the (mixed) hard labels added to the soft-label "
+                                "loss (EDC: 0.025)")
     mix: str = help_field("cutmix", "batch mix", ("cutmix", "mixup", "none"))
     mix_alpha: float = help_field(1.0, "mix weight lambda ~ Beta(alpha, alpha)")
     crop_min: float = help_field(1.0, "random-resized-crop scale floor per image (1: off, as RDED at factor 1)")
@@ -268,6 +272,8 @@ class StudentConfig:
         at_least_one(self, "epochs", "seeds", "checkpoint_every", "topk")
         if self.shard_mb <= 0:
             raise NrrddError(f"setting shard_mb (--shard-mb) = {self.shard_mb}: must be positive")
+        if self.hard_ce < 0:
+            raise NrrddError(f"setting hard_ce (--hard-ce) = {self.hard_ce}: a weight, at least 0")
         if not 0 <= self.ema < 1:
             raise NrrddError(f"setting ema (--ema) = {self.ema}: a decay in [0, 1) (0: off)")
 
@@ -290,7 +296,7 @@ RECIPES: dict[str, dict] = {
     "mf-2000": {"epochs": 2000, "unstitch": True},
 }
 TRAINING_FIELDS = ("student", "width", "norm", "epochs", "batch_size", "lr", "weight_decay", "cosine_span",
-                   "temperature", "mix", "mix_alpha", "crop_min", "flip", "ema", "unstitch")
+                   "temperature", "soft_loss", "hard_ce", "mix", "mix_alpha", "crop_min", "flip", "ema", "unstitch")
 
 
 def recipe_fields(name: str) -> dict:

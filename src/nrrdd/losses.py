@@ -39,6 +39,12 @@ def soft_kl(student_logits: torch.Tensor, teacher_probs_t: torch.Tensor, tempera
     return F.kl_div(logp, teacher_probs_t, reduction="batchmean")
 
 
+def logit_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """EDC's soft-label loss: squared logit difference, mean over samples and classes. Unlike KL at T it
+    also matches the logits' scale, not only the softened distribution they give."""
+    return F.mse_loss(student_logits, teacher_logits)
+
+
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against a (mixed) target distribution, batch mean."""
     return -(targets * F.log_softmax(logits, dim=1)).sum(1).mean()

@@ -22,7 +22,7 @@ from nrrdd.augment import crop_resize, cutmix_boxes, mixup, paste_boxes, random_
 from nrrdd.config import RELABEL_FIELDS, StudentConfig, auto_batch_size, images_per_class, to_dict
 from nrrdd.data import normalize
 from nrrdd.files import load_tensors, read_json, read_tensor_meta, save_tensors, sha256_bytes, sha256_file, write_json
-from nrrdd.losses import dbr_match_loss, hinge_distance_loss, soft_cross_entropy, soft_kl
+from nrrdd.losses import dbr_match_loss, hinge_distance_loss, logit_mse, soft_cross_entropy, soft_kl
 from nrrdd.runtime import barrier, init_from_env, is_main, mine, pick_device, provenance
 
 
@@ -120,8 +120,21 @@ def stored_modes() -> list[str]:
     return [k for k, m in MODES.items() if m.store is not None]
 
 
+def _onehot_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):  # the mix of the two hard labels
+    lam = lam[:, None]
+    target = lam * F.one_hot(y_org, num_classes) + (1 - lam) * F.one_hot(y_aug, num_classes)
+    return soft_cross_entropy(logits, target)
+
+
 def _soft_label_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):
-    return soft_kl(logits, F.softmax(label["logits"].float() / cfg.temperature, 1), cfg.temperature)
+    teacher = label["logits"].float()
+    if cfg.soft_loss == "mse":
+        loss = logit_mse(logits, teacher)
+    else:
+        loss = soft_kl(logits, F.softmax(teacher / cfg.temperature, 1), cfg.temperature)
+    if cfg.hard_ce:
+        loss = loss + cfg.hard_ce * _onehot_loss(logits, y_org, y_aug, lam, label, cfg, num_classes)
+    return loss
 
 
 register_mode("sl-online", teacher_online=True)(_soft_label_loss)
@@ -142,11 +155,7 @@ def _dbr_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):  # Eq. 9-10
         d_org, d_aug, label["d_org"].float(), label["d_aug"].float())
 
 
-@register_mode("onehot")
-def _onehot_loss(logits, y_org, y_aug, lam, label, cfg, num_classes):  # the mix of the two hard labels
-    lam = lam[:, None]
-    target = lam * F.one_hot(y_org, num_classes) + (1 - lam) * F.one_hot(y_aug, num_classes)
-    return soft_cross_entropy(logits, target)
+register_mode("onehot")(_onehot_loss)
 
 
 def _top_k(logits, y_org, y_aug, cfg):
