@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 # what tells two trials' recipes apart (beyond the preset): student fields, and the stored images' beta
-RECIPE = ("epochs", "crop_min", "unstitch", "ema", "temperature", "label_mode")
+RECIPE = ("epochs", "crop_min", "unstitch", "ema", "temperature", "label_mode", "soft_loss", "hard_ce")
 
 
 def recipe_of(r: dict) -> tuple:
@@ -53,6 +53,10 @@ def describe(key: tuple) -> str:
         parts.append(f"EMA {named['ema']}")
     if named["temperature"] not in (None, StudentConfig.temperature):
         parts.append(f"T {named['temperature']:g}")
+    if named["soft_loss"] not in (None, StudentConfig.soft_loss):
+        parts.append(f"{named['soft_loss'].upper()} loss")
+    if named["hard_ce"]:
+        parts.append(f"+ {named['hard_ce']:g} hard CE")
     return ", ".join(parts)
 
 

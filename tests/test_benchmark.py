@@ -126,3 +126,22 @@ def test_ablation_sets_each_change_against_the_record_it_builds_on():
     # no rded record: cidd is measured against random, on seeds 0 and 1 (25 - 20 each)
     assert found["cidd", "cidd over random real images"]["val"] == 5.0
     assert found["cidd", "cidd over random real images"]["seeds"] == 2 and len(found) == 4
+
+
+def test_headline_chooses_among_confirmed_rows_before_screens():
+    """A 1-seed screen that tops a 3-seed row on validation does not become the row's best preset: the gain
+    over random is that of the confirmed preset, on the seeds it shares with random (hand-computed: 2.0)."""
+    sys.path.insert(0, str(HARNESS.parent))
+    import headline
+
+    def rec(preset, vals):
+        per_seed = [{"seed": s, "val_acc": v, "test_acc": v, "time_s": 1.0} for s, v in enumerate(vals)]
+        return {"data": "d", "ipc": 1, "preset": preset, "seeds": list(range(len(vals))), "per_seed": per_seed,
+                "config": {"epochs": 1000}, "distilled_config": {"beta": 1}, "teacher": "t.safetensors",
+                "val_mean": sum(vals) / len(vals), "test_mean": sum(vals) / len(vals)}
+
+    records = [rec("random", [60.0, 61.0, 62.0]), rec("cidd", [62.0, 63.0, 64.0]), rec("nrrdd-lr", [66.0])]
+    row = headline.chosen(records).splitlines()[2]
+    assert "| +2.00 / +2.00 (cidd) |" in row and "66.0 (1 seed)" in row
+    records[2] = rec("nrrdd-lr", [66.0, 66.0, 66.0])  # confirmed on 3 seeds, it outranks cidd
+    assert "(nrrdd-lr) |" in headline.chosen(records).splitlines()[2]
