@@ -62,6 +62,11 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def confirmed_first(r: dict) -> tuple:
+    """Rank of a row for choosing: seeds up to the 3 that confirm a screen, then validation accuracy."""
+    return min(len(r["seeds"]), 3), r["val_mean"]
+
+
 def chosen(records: list[dict]) -> str:
     """One row per data set and IPC under the recipe chosen on validation (the one in which some preset scores
     highest), every preset's test top-1 in it, and the best preset's gain over random. A row confirmed on 3
@@ -71,8 +76,7 @@ def chosen(records: list[dict]) -> str:
              "| paper (NRR-DD) | best published | one student (s) |", "|" + "---|" * (len(ORDER) + 7)]
     for data, ipc in sorted({(r["data"], r["ipc"]) for r in records}):
         mine = [r for r in records if (r["data"], r["ipc"]) == (data, ipc)]
-        top = max((r for r in mine if r["preset"] != "random"), key=lambda r: (min(len(r["seeds"]), 3), r["val_mean"]),
-                  default=None)
+        top = max((r for r in mine if r["preset"] != "random"), key=confirmed_first, default=None)
         if top is None:
             continue
         row = {r["preset"]: r for r in mine if recipe_of(r) == recipe_of(top)}
