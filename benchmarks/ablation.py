@@ -1,6 +1,6 @@
 """One row per change and its measured effect, as airbench comments each of its tricks: every screened
-setting against the record it builds on (same data, IPC, preset and teacher, with the most settings in
-common), and each preset against the one it adds to (the refinement: nrrdd over cidd), under the same
+setting against the record it builds on (same data, IPC and preset, with the most settings, the teacher
+among them, in common), and each preset against the one it adds to (the refinement: nrrdd over cidd), under the same
 settings. Effects are validation points on the student seeds both records trained, the figure choices are
 read from; test is beside for the record.
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from screen_summary import RECIPE, evaluation_records, merge_seeds, recipe_of, synthesis_changes
+from screen_summary import RECIPE, evaluation_records, merge_seeds, recipe_of, synthesis_changes, usual_teachers
 
 
 # what each preset adds to the one it is measured against
@@ -22,11 +22,14 @@ PARENT = {"rded": ("random", "RDED's selection (crops scored by teacher cross-en
           "nrrdd-lr": ("nrrdd", "label refinement over NRR-DD")}
 
 
-def changes(r: dict) -> dict:
-    """Where a record departs from its preset under the rded-300 recipe: synthesis and student settings."""
+def changes(r: dict, usual_teacher: str) -> dict:
+    """Where a record departs from its preset under the rded-300 recipe and its data set's usual teacher:
+    synthesis and student settings, and the teacher (an ensemble)."""
     from nrrdd.config import StudentConfig, to_dict
     default = {**to_dict(StudentConfig()), "beta": 1}
     student = {k: v for k, v in zip(RECIPE + ("beta",), recipe_of(r)) if v != default[k]}
+    if Path(r["teacher"]).name != usual_teacher:
+        student["teacher"] = Path(r["teacher"]).stem
     return {**synthesis_changes(r), **student}
 
 
@@ -39,8 +42,10 @@ def rows(records: list[dict]) -> list[dict]:
     of its own (a setting's effect), and the parent preset's record with the same changes (a preset's)."""
     from nrrdd.report import matched_difference
     best: dict[tuple, dict] = {}  # of two records of one setting (a 3-seed cell, a 1-seed screen): more seeds
-    for r in merge_seeds(records):
-        key = (r["data"], r["ipc"], Path(r["teacher"]).name, r["preset"], tuple(sorted(changes(r).items())))
+    merged = merge_seeds(records)
+    usual = usual_teachers(merged)
+    for r in merged:
+        key = (r["data"], r["ipc"], r["preset"], tuple(sorted(changes(r, usual[r["data"]]).items())))
         if key not in best or len(r["seeds"]) > len(best[key]["seeds"]):
             best[key] = r
     out = []
@@ -51,10 +56,10 @@ def rows(records: list[dict]) -> list[dict]:
                     "val": matched_difference(r, base, "val_acc"), "test": matched_difference(r, base),
                     "seeds": common, "files": f"{r['_file']} vs {base['_file']}"})
 
-    for (data, ipc, teacher, preset, mine), r in sorted(best.items(), key=lambda kv: str(kv[0])):
+    for (data, ipc, preset, mine), r in sorted(best.items(), key=lambda kv: str(kv[0])):
         mine = dict(mine)
-        bases = [(k[4], b) for k, b in best.items() if k[:4] == (data, ipc, teacher, preset)
-                 and set(k[4]) < set(mine.items())]
+        bases = [(k[3], b) for k, b in best.items() if k[:3] == (data, ipc, preset)
+                 and set(k[3]) < set(mine.items())]
         if bases:
             theirs, base = max(bases, key=lambda kb: (len(kb[0]), len(kb[1]["seeds"])))
             add(r, base, words({k: v for k, v in mine.items() if (k, v) not in theirs}), words(dict(theirs)))
@@ -62,7 +67,7 @@ def rows(records: list[dict]) -> list[dict]:
             continue
         # against the preset it adds to, else (a screen that ran only the two) against random real images
         for parent, what in (PARENT.get(preset, ("random", "")), ("random", f"{preset} over random real images")):
-            base = best.get((data, ipc, teacher, parent, tuple(sorted(mine.items()))))
+            base = best.get((data, ipc, parent, tuple(sorted(mine.items()))))
             if base:
                 add(r, base, what or f"{preset} over random real images", words(mine))
                 break

@@ -14,7 +14,9 @@ python3 -c "from nrrdd.data import load_dataset; load_dataset('.gpu/cifar10', pr
 pack() { mkdir -p runs/bench/distilled; for d in runs/bench*/distilled/*/; do n=$(basename $d); [ -f $d/distill.json ] || continue
   mkdir -p runs/art/$n; cp $d/distill.json $d/pictures/*.png runs/art/$n/ 2>/dev/null; done
   (cd runs && python3 -m zipfile -c /tmp/a.zip art >/dev/null 2>&1 && mv /tmp/a.zip $OUT/distilled_art.zip)
-  (cd $(dirname $res) && python3 -m zipfile -c /tmp/r.zip $(basename $res) >/dev/null 2>&1 && mv /tmp/r.zip $OUT/results.zip); }
+  (cd $(dirname $res) && python3 -m zipfile -c /tmp/r.zip $(basename $res) >/dev/null 2>&1 && mv /tmp/r.zip $OUT/results.zip)
+  # the finished seeds of trials still running (unzip into runs/ and the harness joins them on its next run)
+  (cd runs && python3 -m zipfile -c /tmp/p.zip */parts >/dev/null 2>&1 && mv /tmp/p.zip $OUT/parts.zip); }
 (while true; do sleep 20; pack; done) &
 timeout ${GRID_S:-420} python3 benchmarks/harness.py $config 2>&1 | grep -v Warning
 pack; ls -la $OUT

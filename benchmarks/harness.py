@@ -1,5 +1,5 @@
 """The benchmark harness: a named config under benchmarks/configs/ says which data, teacher, results folder and
-steps (teacher, search rounds, grid of presets x label modes x IPC, free-form trials, summaries); this script runs
+steps (teacher, an ensemble of teachers, search rounds, grid of presets x label modes x IPC, free-form trials, summaries); this script runs
 them. Resumable: a finished cell is never recomputed, a grown seed count extends a cell.
 
     python benchmarks/harness.py benchmarks/configs/cifar10_nols15.json                 # every step in order
@@ -159,8 +159,27 @@ def evaluate_cells(b: Bench, cells: list[dict], distill_only: bool = False) -> l
     run_all([(distill_job, (b, c)) for c in sets.values()], b.workers)
     if distill_only:
         return []
-    run_all([(eval_job, (b, c)) for c in todo], b.workers)
+    # with several workers a new cell's seeds are trained side by side, one record each, joined below
+    split = {c["id"]: seed_parts(b, c) for c in todo
+             if b.workers > 1 and c["student"].get("seeds", 3) > 1 and not Path(c["dest"]).exists()}
+    jobs = [p for c in todo for p in split.get(c["id"], [c]) if p is c or not done(b, p)]
+    run_all([(eval_job, (b, c)) for c in jobs], b.workers)
+    from nrrdd.evaluate import join_seeds
+    from nrrdd.files import write_json
+    for c in todo:
+        parts = [Path(p["dest"]) for p in split.get(c["id"], [])]
+        if parts and all(p.exists() for p in parts):
+            write_json(c["dest"], join_seeds([json.loads(p.read_text()) for p in parts]))
     return [(c, json.loads(Path(c["dest"]).read_text())) for c in cells if Path(c["dest"]).exists()]
+
+
+def seed_parts(b: Bench, cell: dict) -> list[dict]:
+    """A cell's seeds as cells of one seed each, their records under work/parts/ (a killed run keeps the
+    finished ones), so that the workers share one cell's students."""
+    first = cell["student"].get("first_seed", 0)
+    return [{**cell, "id": f"{cell['id']}.seed{s}", "student": {**cell["student"], "first_seed": s, "seeds": 1},
+             "dest": str(b.path(b.work) / "parts" / f"{cell['id']}.seed{s}.json")}
+            for s in range(first, first + cell["student"].get("seeds", 3))]
 
 
 # ---------------------------------------------------------------- search (validation only)
@@ -284,21 +303,32 @@ def trials(b: Bench, folder: str, trials: list[dict]) -> None:
     evaluate_cells(b, cells)
 
 
-def teacher(b: Bench, recipe: dict) -> None:
-    """Train the config's teacher with `recipe` (TeacherConfig fields) unless the file exists; its record goes
-    to results/teacher.json."""
+def teacher(b: Bench, recipe: dict, dest: str | None = None) -> None:
+    """Train a teacher with `recipe` (TeacherConfig fields) unless its file exists: the config's teacher, or
+    `dest` (a member of an ensemble). Its record goes to results/teacher.json (results/<dest's name>.json)."""
     from nrrdd.config import TeacherConfig
     from nrrdd.files import write_json
     from nrrdd.teacher import train_teacher
-    dest = b.path(b.teacher)
-    if dest.exists():
+    target = b.path(dest or b.teacher)
+    if target.exists():
         return
-    run = b.path(b.work) / "teacher"
+    run = b.path(b.work) / ("teacher" if dest is None else f"teacher_{target.stem}")
     r = train_teacher(TeacherConfig(**{"data": b.data, **recipe}), run, device=b.device, resume=run.exists(),
                       progress=False)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(run / "teacher.safetensors", dest)
-    write_json(b.path(b.results) / "teacher.json", r)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(run / "teacher.safetensors", target)
+    write_json(b.path(b.results) / ("teacher.json" if dest is None else f"{target.stem}.json"), r)
+
+
+def ensemble(b: Bench, members: list[str]) -> None:
+    """The config's teacher as the mean of `members`' logits (`nrrdd ensemble-teachers`) unless it exists;
+    its validation and test accuracy are measured into it."""
+    from nrrdd.teacher import ensemble_teachers
+    if b.path(b.teacher).exists():
+        return
+    meta = ensemble_teachers([b.path(m) for m in members], b.path(b.teacher), b.data, device=b.device,
+                             progress=False)
+    print(f"ensemble of {len(members)}: val {meta['val_acc']:.2f}  test {meta['test_acc']:.2f}", flush=True)
 
 
 # ---------------------------------------------------------------- summaries
@@ -367,7 +397,7 @@ def screen_summary(b: Bench, folder: str, note: str | None = None) -> None:
     write_summary(b.path(b.results) / folder, note or "")
 
 
-STEPS = {"teacher": teacher, "search": search, "search_round": search_round,
+STEPS = {"teacher": teacher, "ensemble": ensemble, "search": search, "search_round": search_round,
          "search_temperature": search_temperature, "grid": grid, "trials": trials, "summary": summary,
          "screen_summary": screen_summary}
 

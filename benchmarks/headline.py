@@ -13,7 +13,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from screen_summary import describe, evaluation_records, merge_seeds, random_rows, recipe_of, synthesis_of
+from screen_summary import describe, evaluation_records, merge_seeds, random_rows, recipe_of, synthesis_of, usual_teachers
 
 from nrrdd.config import recipe_name
 
@@ -31,11 +31,27 @@ def load(folders: list[str]) -> list[dict]:
     records = [r for r in evaluation_records(folders) if r["config"].get("label_mode") == "sl-online" and
                not synthesis_of(r) and recipe_name(r["config"]) != "custom"]
     best: dict[tuple, dict] = {}
-    for r in merge_seeds(records):
-        key = (r["data"], r["ipc"], recipe_of(r), r["preset"])
+    for r in with_settings(merge_seeds(records)):
+        key = (r["data"], r["ipc"], r["_setting"], r["preset"])
         if key not in best or len(r["seeds"]) > len(best[key]["seeds"]):
             best[key] = r
     return list(best.values())
+
+
+def with_settings(records: list[dict]) -> list[dict]:
+    """Each record's `_setting`: its student recipe, and its teacher where that is not the data set's usual
+    one (an ensemble), so that a row and its random row share both."""
+    usual = usual_teachers(records)
+    for r in records:
+        teacher = Path(r["teacher"]).name
+        r["_setting"] = recipe_of(r), None if teacher == usual[r["data"]] else Path(teacher).stem
+    return records
+
+
+def setting(r: dict) -> str:
+    """A record's `_setting` in words."""
+    recipe, teacher = r["_setting"]
+    return describe(recipe) + (f", teacher {teacher}" if teacher else "")
 
 
 def table(records: list[dict]) -> str:
@@ -43,10 +59,10 @@ def table(records: list[dict]) -> str:
     lines = ["| data | IPC | student recipe | preset | seeds | val top-1 | test top-1 | over random (test / val, same "
              "seeds) | paper (test) | distill (s) | one student (s) | record |", "|" + "---|" * 12]
     def row_key(r: dict) -> tuple:
-        return r["data"], r["ipc"], recipe_of(r)
+        return r["data"], r["ipc"], r["_setting"]
     random = random_rows(records, row_key)
-    rows = sorted(records, key=lambda r: (r["data"], r["ipc"], recipe_of(r), ORDER.index(r["preset"])
-                                          if r["preset"] in ORDER else 99))
+    rows = sorted(records, key=lambda r: (r["data"], r["ipc"], r["_setting"][0], r["_setting"][1] or "",
+                                          ORDER.index(r["preset"]) if r["preset"] in ORDER else 99))
     for r in rows:
         base = random.get(row_key(r))
         gain = "—" if base is None or base is r else \
@@ -55,7 +71,7 @@ def table(records: list[dict]) -> str:
         t = r.get("distill_timings") or {}
         std = f" ± {r['test_std']:.2f}" if len(r["seeds"]) > 1 else ""
         distill = f"{t['total_s']:.0f}" if t else "–"
-        lines.append(f"| {r['data']} | {r['ipc']} | {describe(recipe_of(r))} | {r['preset']} | {len(r['seeds'])} | "
+        lines.append(f"| {r['data']} | {r['ipc']} | {setting(r)} | {r['preset']} | {len(r['seeds'])} | "
                      f"{r['val_mean']:.2f} | {r['test_mean']:.2f}{std} | {gain} | {paper or '–'} | {distill} | "
                      f"{statistics.mean(s['time_s'] for s in r['per_seed']):.0f} ({r.get('device', 'cpu')}) | "
                      f"{r['_file']} |")
@@ -79,14 +95,14 @@ def chosen(records: list[dict]) -> str:
         top = max((r for r in mine if r["preset"] != "random"), key=confirmed_first, default=None)
         if top is None:
             continue
-        row = {r["preset"]: r for r in mine if recipe_of(r) == recipe_of(top)}
+        row = {r["preset"]: r for r in mine if r["_setting"] == top["_setting"]}
         cells = [f"{row[p]['test_mean']:.1f}" + ("" if len(row[p]["seeds"]) >= 3 else f" ({len(row[p]['seeds'])} "
                  "seed)") if p in row else "–" for p in ORDER]
         base = row.get("random")
         gain = "–" if base is None else \
             f"{matched_difference(top, base):+.2f} / {matched_difference(top, base, 'val_acc'):+.2f} ({top['preset']})"
         paper = PAPER.get((data, "convnet3", "nrrdd", "sl-online", ipc), "–")
-        lines.append(f"| {data} | {ipc} | {describe(recipe_of(top))} | " + " | ".join(cells) + f" | {gain} | "
+        lines.append(f"| {data} | {ipc} | {setting(top)} | " + " | ".join(cells) + f" | {gain} | "
                      f"{paper} | {ANCHORS.get((data, ipc), '–')} | "
                      f"{statistics.mean(s['time_s'] for s in top['per_seed']):.0f} |")
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 
@@ -61,12 +62,18 @@ def describe(key: tuple) -> str:
     return ", ".join(parts)
 
 
+def usual_teachers(records: list[dict]) -> dict:
+    """Each data set's teacher: the one most of its records used (a change is what fewer records did)."""
+    counts = Counter((r["data"], Path(r["teacher"]).name) for r in records)
+    return {data: name for (data, name), _ in sorted(counts.items(), key=lambda kv: (kv[1], kv[0][1]))}
+
+
 def merge_seeds(trials: list[dict]) -> list[dict]:
     """One row per set of images and recipe: records that trained other seeds of the same students (a
     confirmation's seeds 1-2 beside a screen's seed 0) are joined, their files named together; of two that
     share seeds, the one with more is kept. Records of other images (a set distilled again by changed code)
     stay apart."""
-    from nrrdd.evaluate import seed_stats
+    from nrrdd.evaluate import join_seeds
     rows: dict[tuple, dict] = {}
     for t in trials:
         key = (t.get("data"), t.get("ipc"), recipe_of(t), t.get("preset"), synthesis_of(t),
@@ -78,10 +85,7 @@ def merge_seeds(trials: list[dict]) -> list[dict]:
         if set(r["seeds"]) & set(t["seeds"]):  # the same students twice (a cell and its copy): keep the larger
             rows[key] = max(r, t, key=lambda x: len(x["seeds"]))
             continue
-        seeds = {p["seed"]: p for p in r["per_seed"] + t["per_seed"]}
-        per_seed = [seeds[k] for k in sorted(seeds)]
-        rows[key] = {**r, "per_seed": per_seed, "seeds": sorted(seeds), **seed_stats(per_seed),
-                     "wall_time_s": r["wall_time_s"] + t["wall_time_s"], "_file": f"{r['_file']} + {t['_file']}"}
+        rows[key] = {**join_seeds([r, t]), "_file": f"{r['_file']} + {t['_file']}"}
     return list(rows.values())
 
 

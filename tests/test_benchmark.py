@@ -71,6 +71,25 @@ def test_trials_beside_random_and_their_summary(tmp_path, digits_teacher):
     assert "| 3 epochs" in table and "cidd_e3.json" not in row  # its own recipe: no random row to set against
 
 
+def test_workers_share_one_trials_seeds_and_join_them(tmp_path, digits_teacher):
+    """An ensemble step makes the config's teacher; two workers, one 2-seed trial: each seed is its own part
+    (a record under work/parts/), the trial's one record joins them; a rerun trains nothing."""
+    ens = tmp_path / "ens.safetensors"
+    steps = [{"do": "ensemble", "members": [str(digits_teacher), str(digits_teacher)]},
+             {"do": "trials", "folder": "screen", "trials": [
+                 {"id": "random", "preset": "random", "synth": {"ipc": 2}, "student": {"seeds": 2}}]}]
+    results = run_bench(tmp_path, steps, teacher=str(ens), workers=2, threads=1)
+    rec = json.loads((results / "screen" / "random.json").read_text())
+    assert rec["teacher"] == str(ens) and rec["teacher_arch"] == "ensemble"
+    parts = [json.loads((tmp_path / "work" / "parts" / f"random.seed{s}.json").read_text()) for s in (0, 1)]
+    assert rec["seeds"] == [0, 1] and [p["seeds"] for p in parts] == [[0], [1]]
+    assert rec["per_seed"] == parts[0]["per_seed"] + parts[1]["per_seed"]
+    assert rec["config"]["seeds"] == 2 and rec["config"]["first_seed"] == 0
+    before = (results / "screen" / "random.json").stat().st_mtime_ns
+    run_bench(tmp_path, steps, teacher=str(ens), workers=2, threads=1)
+    assert (results / "screen" / "random.json").stat().st_mtime_ns == before
+
+
 def test_ddranking_check_writes_cifar_pickles_torchvision_reads(tmp_path):
     """The DD-Ranking check hands DD-Ranking our CIFAR-10 copy as torchvision's `cifar-10-batches-py`: every
     pixel and label must come back where torchvision's loader puts it."""
@@ -106,18 +125,20 @@ def test_ablation_sets_each_change_against_the_record_it_builds_on():
     sys.path.insert(0, str(HARNESS.parent))
     import ablation
 
-    def rec(name, preset, val, epochs=300, beta=1, unstitch=False, seeds=(0,)):
+    def rec(name, preset, val, epochs=300, beta=1, unstitch=False, seeds=(0,), teacher="t"):
         per_seed = [{"seed": s, "val_acc": val + s, "test_acc": val + s + 1} for s in seeds]
-        return {"kind": "evaluation", "_file": name, "data": "d", "ipc": 1, "teacher": "t.safetensors",
+        return {"kind": "evaluation", "_file": name, "data": "d", "ipc": 1, "teacher": f"{teacher}.safetensors",
                 "preset": preset, "seeds": list(seeds), "per_seed": per_seed, "wall_time_s": 1.0,
                 "config": {"epochs": epochs, "unstitch": unstitch}, "distilled_config": {"beta": beta},
                 "val_mean": val, "test_mean": val + 1}
 
     records = [rec("r300", "random", 20.0, seeds=(0, 1)), rec("c300", "cidd", 25.0, seeds=(0, 1, 2)),
                rec("c1000", "cidd", 30.0), rec("c1000b4", "cidd", 37.0, epochs=1000, beta=4, unstitch=True),
-               rec("n300", "nrrdd", 24.5)]
+               rec("n300", "nrrdd", 24.5), rec("c300ens", "cidd", 26.5, teacher="ens")]
     records[2]["config"]["epochs"] = 1000
     found = {(a["preset"], a["change"]): a for a in ablation.rows(records)}
+    # a teacher fewer records used is a change like a setting: against the usual teacher's record
+    assert (found["cidd", "teacher ens"]["on"], found["cidd", "teacher ens"]["val"]) == ("its preset, rded-300", 1.5)
     assert found["cidd", "epochs 1000"]["on"] == "its preset, rded-300" and found["cidd", "epochs 1000"]["val"] == 5.0
     mf = found["cidd", "beta 4, unstitch"]
     assert (mf["on"], mf["val"], mf["test"], mf["seeds"]) == ("epochs 1000", 7.0, 7.0, 1)
@@ -125,7 +146,7 @@ def test_ablation_sets_each_change_against_the_record_it_builds_on():
     assert (refine["val"], refine["files"]) == (-0.5, "n300 vs c300")
     # no rded record: cidd is measured against random, on seeds 0 and 1 (25 - 20 each)
     assert found["cidd", "cidd over random real images"]["val"] == 5.0
-    assert found["cidd", "cidd over random real images"]["seeds"] == 2 and len(found) == 4
+    assert found["cidd", "cidd over random real images"]["seeds"] == 2 and len(found) == 5
 
 
 def test_headline_chooses_among_confirmed_rows_before_screens():
@@ -134,14 +155,18 @@ def test_headline_chooses_among_confirmed_rows_before_screens():
     sys.path.insert(0, str(HARNESS.parent))
     import headline
 
-    def rec(preset, vals):
+    def rec(preset, vals, teacher="t"):
         per_seed = [{"seed": s, "val_acc": v, "test_acc": v, "time_s": 1.0} for s, v in enumerate(vals)]
         return {"data": "d", "ipc": 1, "preset": preset, "seeds": list(range(len(vals))), "per_seed": per_seed,
-                "config": {"epochs": 1000}, "distilled_config": {"beta": 1}, "teacher": "t.safetensors",
+                "config": {"epochs": 1000}, "distilled_config": {"beta": 1}, "teacher": f"{teacher}.safetensors",
                 "val_mean": sum(vals) / len(vals), "test_mean": sum(vals) / len(vals)}
 
     records = [rec("random", [60.0, 61.0, 62.0]), rec("cidd", [62.0, 63.0, 64.0]), rec("nrrdd-lr", [66.0])]
-    row = headline.chosen(records).splitlines()[2]
+    row = headline.chosen(headline.with_settings(records)).splitlines()[2]
     assert "| +2.00 / +2.00 (cidd) |" in row and "66.0 (1 seed)" in row
     records[2] = rec("nrrdd-lr", [66.0, 66.0, 66.0])  # confirmed on 3 seeds, it outranks cidd
-    assert "(nrrdd-lr) |" in headline.chosen(records).splitlines()[2]
+    assert "(nrrdd-lr) |" in headline.chosen(headline.with_settings(records)).splitlines()[2]
+    # another teacher's rows are set against the random row of that teacher, not the usual one's
+    records += [rec("random", [70.0] * 3, "ens"), rec("cidd", [71.0] * 3, "ens")]
+    row = headline.chosen(headline.with_settings(records)).splitlines()[2]
+    assert "teacher ens" in row and "| +1.00 / +1.00 (cidd) |" in row

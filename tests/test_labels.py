@@ -16,7 +16,7 @@ from nrrdd.augment import crop_resize
 from nrrdd.config import LABEL_MODES, StudentConfig, preset_config
 from nrrdd.data import normalize
 from nrrdd.distill import distill
-from nrrdd.evaluate import evaluate, label_accounting, load_labels, store_labels
+from nrrdd.evaluate import evaluate, join_seeds, label_accounting, load_labels, store_labels
 from nrrdd.files import verify_dir
 from nrrdd.models import create_model
 from nrrdd.relabel import MODES, PlanSpec, make_plan, mixed_batch, stored_modes, student_loss, teacher_payload
@@ -552,3 +552,18 @@ def test_baseline_random_is_the_random_preset_under_the_same_recipe(tmp_path, di
                         "val": round(r["val_mean"] - plain["val_mean"], 2)}
     assert r["teacher_test_acc"] is not None
     assert verify_dir(tmp_path / "e") == []
+
+
+def test_join_seeds_recomputes_statistics_by_hand():
+    def rec(vals, base, wall):
+        per = [{"seed": s, "val_acc": v, "test_acc": v + 1} for s, v in vals]
+        bper = [{"seed": s, "val_acc": v, "test_acc": v} for s, v in base]
+        return {"seeds": [s for s, _ in vals], "per_seed": per, "config": {"first_seed": vals[0][0], "seeds": len(vals)},
+                "wall_time_s": wall, "baseline": {"seeds": [s for s, _ in base], "per_seed": bper}}
+    # seeds 0 | 1, 2: val 60, 62, 64 -> mean 62, sample std 2; random 58, 58, 61 -> 59; gain 3 (val), 4 (test)
+    r = join_seeds([rec([(1, 62.0), (2, 64.0)], [(1, 58.0), (2, 61.0)], 20.0), rec([(0, 60.0)], [(0, 58.0)], 10.5)])
+    assert r["seeds"] == [0, 1, 2] and (r["val_mean"], r["val_std"], r["test_mean"]) == (62.0, 2.0, 63.0)
+    assert r["baseline"]["val_mean"] == 59.0 and r["ior"] == {"test": 4.0, "val": 3.0}
+    assert r["config"] == {"first_seed": 0, "seeds": 3} and r["wall_time_s"] == 30.5
+    with pytest.raises(ValueError, match="share seeds"):
+        join_seeds([rec([(0, 60.0)], [(0, 1.0)], 1.0), rec([(0, 61.0)], [(0, 1.0)], 1.0)])

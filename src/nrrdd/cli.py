@@ -48,6 +48,15 @@ def cmd_import_teacher(a) -> int:
     return 0
 
 
+def cmd_ensemble_teachers(a) -> int:
+    from nrrdd.teacher import ensemble_teachers
+    meta = ensemble_teachers(a.teachers, a.out, a.data, overwrite=a.overwrite, device=a.device,
+                             progress=not a.quiet)
+    acc = f": val {meta['val_acc']:.2f}%  test {meta['test_acc']:.2f}%" if a.data else ""
+    print(f"ensemble of {len(a.teachers)} teachers{acc} -> {a.out}")
+    return 0
+
+
 def cmd_distill(a) -> int:
     from nrrdd.config import preset_config
     from nrrdd.distill import distill
@@ -217,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="the teacher .safetensors to write")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it is an nrrdd checkpoint")
     s.set_defaults(fn=cmd_import_teacher)
+
+    s = sub.add_parser("ensemble-teachers", help="average several teachers' logits as one teacher file",
+                       description="Write one teacher whose logits are the mean of the given teachers' (EDC's "
+                       "ensemble relabelling): its CAM is the mean of theirs and refinement matches all their "
+                       "BatchNorm statistics. The teachers must share classes, input size, normalisation and the "
+                       "size of their last feature maps (e.g. ConvNet-3s of several seeds, or a ConvNet-3 and a "
+                       "CIFAR ResNet-18 at 32 px).")
+    s.add_argument("teachers", nargs="+", help="teacher .safetensors files (two or more)")
+    s.add_argument("--data", help="measure the ensemble's validation and test accuracy on this data set "
+                   "(the first teacher's validation split) and record them in the file")
+    s.add_argument("--out", required=True, help="the ensemble .safetensors to write")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it is an nrrdd checkpoint")
+    s.add_argument("--device", default="auto", help="auto (CUDA when visible, else CPU), cpu, cuda ...")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(fn=cmd_ensemble_teachers)
 
     s = sub.add_parser("distill", help="synthesise a distilled set (PNG class folders + manifest + pictures)",
                        description="Select and stitch real patches (CIDD/RDED), refine them (NRR/SRe2L) and write "

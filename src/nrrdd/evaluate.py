@@ -155,6 +155,25 @@ def seed_stats(per_seed: list[dict]) -> dict:
     return out
 
 
+def join_seeds(records: list[dict]) -> dict:
+    """One evaluation record of the same students from records of disjoint seeds (parts trained in parallel, a
+    confirmation's seeds beside a screen's): per-seed results joined, statistics and the random baseline's
+    recomputed, wall times summed; the rest is the first record's."""
+    def joined(parts: list[dict]) -> dict:
+        per_seed = sorted((p for r in parts for p in r["per_seed"]), key=lambda p: p["seed"])
+        seeds = [p["seed"] for p in per_seed]
+        if len(set(seeds)) < len(seeds):
+            raise ValueError(f"records to join share seeds: {seeds}")
+        return {**parts[0], "per_seed": per_seed, "seeds": seeds, **seed_stats(per_seed)}
+    out = joined(records)
+    out["config"] = {**out["config"], "first_seed": out["seeds"][0], "seeds": len(out["seeds"])}
+    out["wall_time_s"] = round(sum(r["wall_time_s"] for r in records), 1)
+    if all(r.get("baseline") for r in records):
+        out["baseline"] = joined([r["baseline"] for r in records])
+        out["ior"] = {k: round(out[f"{k}_mean"] - out["baseline"][f"{k}_mean"], 2) for k in ("test", "val")}
+    return out
+
+
 def evaluate(distilled, cfg: StudentConfig, out_dir, teacher_path=None, labels_dir=None, device="auto",
              resume=False, overwrite=False, progress=True, data=None, verify: bool = True) -> dict:
     out = Path(out_dir)

@@ -13,19 +13,23 @@ from nrrdd.data import normalize
 
 
 _REGISTRY: dict[str, Callable[..., "Net"]] = {}
+_UNLISTED: set[str] = set()  # built from checkpoints only, never an --arch to train
 
 
-def register(name: str):
+def register(name: str, listed: bool = True):
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model '{name}' registered twice")
         _REGISTRY[name] = fn
+        if not listed:
+            _UNLISTED.add(name)
         return fn
     return deco
 
 
 def model_names() -> list[str]:
-    return sorted(_REGISTRY)
+    """The architectures a teacher or student can be trained as."""
+    return sorted(set(_REGISTRY) - _UNLISTED)
 
 
 def batch_size_for(x: torch.Tensor, at_32px: int) -> int:
@@ -166,3 +170,41 @@ def efficientnet_b0(num_classes, image_size, channels, **_):
 # torchvision architectures whose standard (ImageNet) checkpoints `nrrdd import-teacher` reads: name -> wrapper
 TORCHVISION = {"resnet18": wrap_resnet, "resnet50": wrap_resnet, "resnet101": wrap_resnet,
                "mobilenet_v2": wrap_torchvision_features, "efficientnet_b0": wrap_torchvision_features}
+
+
+# ---------------------------------------------------------------- teacher ensembles (EDC averages several)
+
+class _SideBySide(nn.Module):
+    """The members' feature maps stacked along channels, so that one linear head over them can be the mean of
+    the members' heads."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], 1)
+
+
+def merge_nets(nets: list[Net]) -> Net:
+    """One Net whose logits are the mean of the members' logits, and so whose CAM (Eq. 1) is the mean of their
+    CAMs and whose BatchNorm layers are all of theirs: every stage takes an ensemble as it takes one teacher.
+    The members must share the head's kind and the feature maps' side (checked on the first forward)."""
+    if len({n.pooled for n in nets}) > 1:
+        raise NrrddError("an ensemble's members must all pool their feature maps or all flatten them")
+    heads = [n.classifier for n in nets]
+    head = nn.Linear(sum(h.in_features for h in heads), heads[0].out_features)
+    with torch.no_grad():
+        # flattened (K, h, w) maps are channel-major, so member blocks of the stacked map stay contiguous
+        head.weight.copy_(torch.cat([h.weight for h in heads], 1) / len(nets))
+        head.bias.copy_(torch.stack([h.bias for h in heads]).mean(0))
+    return Net(_SideBySide([n.features for n in nets]), head, pooled=nets[0].pooled)
+
+
+@register("ensemble", listed=False)
+def ensemble(num_classes, image_size, channels, members: list[dict] | None = None, **_):
+    """members: [{"arch", "model_kwargs"}]; the weights come from the checkpoint (`nrrdd ensemble-teachers`)."""
+    if not members:
+        raise NrrddError("an ensemble is made from teacher files by `nrrdd ensemble-teachers`, not trained")
+    return merge_nets([create_model(m["arch"], num_classes, image_size, channels, **m.get("model_kwargs", {}))
+                       for m in members])

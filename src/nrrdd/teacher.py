@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -10,11 +11,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nrrdd import NrrddError
-from nrrdd.checkpoint import save_model
+from nrrdd.checkpoint import load_model, read_meta, save_model
 from nrrdd.config import TeacherConfig, to_dict
-from nrrdd.data import Dataset, dataset_stats, decode_workers, image_batches, load_dataset, random_crop_flip
+from nrrdd.data import (Dataset, data_mismatch, dataset_stats, decode_workers, image_batches, load_dataset,
+                        random_crop_flip)
 from nrrdd.files import read_json, sha256_file, write_json
-from nrrdd.models import create_model
+from nrrdd.models import create_model, merge_nets
 from nrrdd.outdir import check_out, check_out_file, finish_out, open_out
 from nrrdd.runtime import pick_device, provenance, seed_everything
 from nrrdd.training import TrainState, accuracy, check_finite, one_cycle, param_groups
@@ -111,7 +113,6 @@ def import_teacher(arch: str, weights, classes: list[str], out, image_size: int 
     if arch not in TORCHVISION:
         raise NrrddError(f"--arch {arch}: import-teacher reads torchvision's {', '.join(TORCHVISION)}")
     out, weights = Path(out), Path(weights)
-    from nrrdd.checkpoint import read_meta
     check_out_file(out, overwrite, "an nrrdd checkpoint", read_meta)
     if not weights.is_file():
         raise NrrddError(f"--weights {weights}: file not found")
@@ -136,4 +137,58 @@ def import_teacher(arch: str, weights, classes: list[str], out, image_size: int 
             "image_size": image_size, "channels": 3, "mean": list(mean), "std": list(std),
             "imported_from": {"torchvision": arch, "weights": str(weights), "sha256": sha256_file(weights)}}
     save_model(out, net.eval(), meta)
+    return meta
+
+
+def ensemble_teachers(paths: list, out, data: str | None = None, overwrite: bool = False,
+                      device: str = "auto", progress: bool = True) -> dict:
+    """Several teachers of the same classes, input size and normalisation as one teacher file whose logits are
+    the mean of theirs (EDC's ensemble relabelling; `models.merge_nets`). With `data`, its validation and test
+    accuracy (on the first member's validation split) are measured and recorded."""
+    out = Path(out)
+    check_out_file(out, overwrite, "an nrrdd checkpoint", read_meta)
+    if len(paths) < 2:
+        raise NrrddError(f"an ensemble needs at least two teachers, got {len(paths)}")
+    metas = [read_meta(p) for p in paths]
+    first = metas[0]
+    for p, m in zip(paths[1:], metas[1:]):
+        for key in ("classes", "image_size", "channels"):
+            if m[key] != first[key]:
+                raise NrrddError(f"{p}: its {key} differ from {paths[0]}'s; an ensemble's teachers must agree")
+        if any(abs(a - b) > 1e-4 for a, b in zip(m["mean"] + m["std"], first["mean"] + first["std"])):
+            raise NrrddError(f"{p}: normalised with other mean/std than {paths[0]} "
+                             f"({m['mean']}/{m['std']} vs {first['mean']}/{first['std']}); an ensemble feeds its "
+                             "members one input")
+    dev = pick_device(device)
+    nets = [load_model(p, device=dev)[0] for p in paths]
+    probe = torch.zeros(1, first["channels"], first["image_size"], first["image_size"], device=dev)
+    with torch.no_grad():
+        sides = {tuple(n.features(probe).shape[-2:]) for n in nets}
+    if len(sides) > 1:
+        raise NrrddError(f"the teachers' last feature maps differ in size {sorted(sides)}: their CAMs cannot "
+                         "be averaged")
+    net = merge_nets(nets).set_stats(first["mean"], first["std"]).eval()
+    members = [{"file": Path(p).name, "sha256": sha256_file(p), "arch": m["arch"],
+                "model_kwargs": m.get("model_kwargs", {}), "val_acc": m.get("val_acc"),
+                "test_acc": m.get("test_acc"), "recipe": m.get("recipe")} for p, m in zip(paths, metas)]
+    # a member trained on other files or another validation split makes validation figures unsafe: say so
+    whys = [(p, data_mismatch(m.get("data_info") or {}, first.get("data_info") or {}))
+            for p, m in zip(paths[1:], metas[1:])]
+    for p, why in whys:
+        if why:
+            print(f"warning: {p}: unlike {paths[0]}, {why}", file=sys.stderr)
+    same_data = not any(why for _, why in whys)
+    meta = {"arch": "ensemble", "classes": first["classes"], "image_size": first["image_size"],
+            "channels": first["channels"], "mean": first["mean"], "std": first["std"],
+            "model_kwargs": {"members": [{"arch": m["arch"], "model_kwargs": m["model_kwargs"]} for m in members]},
+            "members": members, "data_info": first.get("data_info") if same_data else None,
+            "val_acc": None, "test_acc": None}
+    if data is not None:
+        recipe = first.get("recipe") or {}
+        ds = load_dataset(data, first["image_size"], recipe.get("val_fraction", 0.1), recipe.get("split_seed", 0),
+                          progress=progress, lazy="auto")
+        if ds.classes != first["classes"]:
+            raise NrrddError(f"--data {data}: its classes are not the teachers'")
+        meta["val_acc"], meta["test_acc"] = accuracy(net, ds.val, dev), accuracy(net, ds.test, dev)
+    save_model(out, net.cpu(), meta)
     return meta
