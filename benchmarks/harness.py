@@ -305,7 +305,7 @@ def trials(b: Bench, folder: str, trials: list[dict]) -> None:
 
 def teacher(b: Bench, recipe: dict, dest: str | None = None) -> None:
     """Train a teacher with `recipe` (TeacherConfig fields) unless its file exists: the config's teacher, or
-    `dest` (a member of an ensemble). Its record goes to results/teacher.json (results/<dest's name>.json)."""
+    `dest` (a member of an ensemble). Its record goes to results/teacher.json (results/teacher/<dest's name>.json)."""
     from nrrdd.config import TeacherConfig
     from nrrdd.files import write_json
     from nrrdd.teacher import train_teacher
@@ -317,7 +317,7 @@ def teacher(b: Bench, recipe: dict, dest: str | None = None) -> None:
                       progress=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(run / "teacher.safetensors", target)
-    write_json(b.path(b.results) / ("teacher.json" if dest is None else f"{target.stem}.json"), r)
+    write_json(b.path(b.results) / ("teacher.json" if dest is None else f"teacher/{target.stem}.json"), r)
 
 
 def ensemble(b: Bench, members: list[str]) -> None:

@@ -130,6 +130,9 @@ def write_summary(folder: Path, note: str = "") -> None:
     from nrrdd.report import matched_difference
     trials = [{**json.loads(f.read_text()), "_file": f.name} for f in sorted(folder.glob("*.json"))]
     trials = merge_seeds([t for t in trials if t.get("kind") == "evaluation"])
+    if not trials:  # a step whose trials have not run yet: no table rather than an empty one
+        print(f"{shown(folder)}: no evaluation records yet, no table written")
+        return
     random = random_rows(trials)
     lines = ["| recipe | preset | seeds | val top-1 | val, seed 0 | gain over random (val, same seeds) | test top-1 "
              "| wall (s) | file |", "|" + "---|" * 9]

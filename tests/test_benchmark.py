@@ -69,6 +69,11 @@ def test_trials_beside_random_and_their_summary(tmp_path, digits_teacher):
     assert f"| cidd (pool_per_class 10, select diverse) | 1 | {recs['cidd_diverse']['val_mean']:.2f} |" in row["cidd_diverse.json"]
     assert f"| {gain:+.2f} |" in row["cidd_diverse.json"]
     assert "| 3 epochs" in table and "cidd_e3.json" not in row  # its own recipe: no random row to set against
+    sys.path.insert(0, str(HARNESS.parent))
+    from screen_summary import write_summary
+    (results / "later").mkdir()
+    write_summary(results / "later")  # trials not run yet: no table
+    assert not (results / "later.md").exists()
 
 
 def test_workers_share_one_trials_seeds_and_join_them(tmp_path, digits_teacher):
