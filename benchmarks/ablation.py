@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from screen_summary import RECIPE, evaluation_records, merge_seeds, recipe_of, synthesis_changes, usual_teachers
+from screen_summary import RECIPE, evaluation_records, merge_seeds, recipe_of, other_teacher, synthesis_changes, usual_teachers
 
 
 # what each preset adds to the one it is measured against
@@ -22,14 +22,14 @@ PARENT = {"rded": ("random", "RDED's selection (crops scored by teacher cross-en
           "nrrdd-lr": ("nrrdd", "label refinement over NRR-DD")}
 
 
-def changes(r: dict, usual_teacher: str) -> dict:
+def changes(r: dict, usual: dict) -> dict:
     """Where a record departs from its preset under the rded-300 recipe and its data set's usual teacher:
     synthesis and student settings, and the teacher (an ensemble)."""
     from nrrdd.config import StudentConfig, to_dict
     default = {**to_dict(StudentConfig()), "beta": 1}
     student = {k: v for k, v in zip(RECIPE + ("beta",), recipe_of(r)) if v != default[k]}
-    if Path(r["teacher"]).name != usual_teacher:
-        student["teacher"] = Path(r["teacher"]).stem
+    if other_teacher(r, usual):
+        student["teacher"] = other_teacher(r, usual)
     return {**synthesis_changes(r), **student}
 
 
@@ -45,7 +45,7 @@ def rows(records: list[dict]) -> list[dict]:
     merged = merge_seeds(records)
     usual = usual_teachers(merged)
     for r in merged:
-        key = (r["data"], r["ipc"], r["preset"], tuple(sorted(changes(r, usual[r["data"]]).items())))
+        key = (r["data"], r["ipc"], r["preset"], tuple(sorted(changes(r, usual).items())))
         if key not in best or len(r["seeds"]) > len(best[key]["seeds"]):
             best[key] = r
     out = []

@@ -13,7 +13,8 @@ import argparse
 import statistics
 from pathlib import Path
 
-from screen_summary import describe, evaluation_records, merge_seeds, random_rows, recipe_of, synthesis_of, usual_teachers
+from screen_summary import (describe, evaluation_records, merge_seeds, other_teacher, random_rows, recipe_of,
+                            synthesis_of, usual_teachers)
 
 from nrrdd.config import recipe_name
 
@@ -43,8 +44,7 @@ def with_settings(records: list[dict]) -> list[dict]:
     one (an ensemble), so that a row and its random row share both."""
     usual = usual_teachers(records)
     for r in records:
-        teacher = Path(r["teacher"]).name
-        r["_setting"] = recipe_of(r), None if teacher == usual[r["data"]] else Path(teacher).stem
+        r["_setting"] = recipe_of(r), other_teacher(r, usual)
     return records
 
 

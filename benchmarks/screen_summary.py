@@ -68,6 +68,12 @@ def usual_teachers(records: list[dict]) -> dict:
     return {data: name for (data, name), _ in sorted(counts.items(), key=lambda kv: (kv[1], kv[0][1]))}
 
 
+def other_teacher(r: dict, usual: dict) -> str | None:
+    """The record's teacher (file stem) when it is not its data set's usual one (`usual_teachers`), else None."""
+    name = Path(r["teacher"]).name
+    return None if name == usual[r["data"]] else Path(name).stem
+
+
 def merge_seeds(trials: list[dict]) -> list[dict]:
     """One row per set of images and recipe: records that trained other seeds of the same students (a
     confirmation's seeds 1-2 beside a screen's seed 0) are joined, their files named together; of two that

@@ -8,8 +8,12 @@ from nrrdd import NrrddError, __version__
 from nrrdd.config import add_config_args, build_config, load_config_file
 
 
-def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+def _device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when visible, else CPU), cpu, cuda, cuda:1 ...")
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    _device(p)
     p.add_argument("--threads", default="auto", help="CPU threads of this process: a number, 0 (torch's default, one "
                    "per core) or auto: $OMP_NUM_THREADS if set, else the cores that other processes leave idle at the "
                    "start (at least 1), since torch's threads spin while another process holds the cores. "
@@ -238,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the first teacher's validation split) and record them in the file")
     s.add_argument("--out", required=True, help="the ensemble .safetensors to write")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it is an nrrdd checkpoint")
-    s.add_argument("--device", default="auto", help="auto (CUDA when visible, else CPU), cpu, cuda ...")
+    _device(s)
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(fn=cmd_ensemble_teachers)
 
