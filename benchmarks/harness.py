@@ -134,18 +134,24 @@ def run_all(jobs: list[tuple], workers: int) -> list:
     return out
 
 
-def done(b: Bench, cell: dict) -> bool:
-    """A cell's record exists, made with this teacher and the cell's synthesis and student settings (a new
-    chosen.json redoes it), with at least the seeds asked for (more seeds extend it: evaluate resumes)."""
+def record_of(b: Bench, cell: dict) -> dict | None:
+    """A cell's record if it was made with this teacher and the cell's synthesis and student settings (a new
+    chosen.json redoes it), whatever its seeds; else None."""
     dest = Path(cell["dest"])
     if not dest.exists():
-        return False
+        return None
     r = json.loads(dest.read_text())
     student = {k: v for k, v in student_settings(b, cell).items() if k not in ("seeds", "data")}
     same = (Path(r["teacher"]).name == Path(b.teacher).name
             and all((r["distilled_config"] or {}).get(k) == v for k, v in cell["overrides"].items())
             and all(r["config"].get(k) == v for k, v in student.items()))
-    return same and len(r["seeds"]) >= cell["student"].get("seeds", 3)
+    return r if same else None
+
+
+def done(b: Bench, cell: dict) -> bool:
+    """A cell's record exists with at least the seeds asked for (more seeds extend it: evaluate resumes)."""
+    r = record_of(b, cell)
+    return r is not None and len(r["seeds"]) >= cell["student"].get("seeds", 3)
 
 
 def evaluate_cells(b: Bench, cells: list[dict], distill_only: bool = False) -> list[tuple[dict, dict]]:
@@ -159,27 +165,33 @@ def evaluate_cells(b: Bench, cells: list[dict], distill_only: bool = False) -> l
     run_all([(distill_job, (b, c)) for c in sets.values()], b.workers)
     if distill_only:
         return []
-    # with several workers a new cell's seeds are trained side by side, one record each, joined below
-    split = {c["id"]: seed_parts(b, c) for c in todo
-             if b.workers > 1 and c["student"].get("seeds", 3) > 1 and not Path(c["dest"]).exists()}
-    jobs = [p for c in todo for p in split.get(c["id"], [c]) if p is c or not done(b, p)]
+    # the seeds a cell lacks are trained as parts, one record each, joined below to the seeds its record has
+    # (whose students may have trained in parts of their own, so the cell's work folder cannot extend them);
+    # with several workers a new cell's seeds are parts too, trained side by side
+    split = {}
+    for c in todo:
+        have = record_of(b, c)
+        first, n = c["student"].get("first_seed", 0), c["student"].get("seeds", 3)
+        missing = [s for s in range(first, first + n) if not have or s not in have["seeds"]]
+        if have or (b.workers > 1 and len(missing) > 1):
+            split[c["id"]] = ([have] if have else [], seed_parts(b, c, missing))
+    jobs = [p for c in todo for p in (split[c["id"]][1] if c["id"] in split else [c]) if p is c or not done(b, p)]
     run_all([(eval_job, (b, c)) for c in jobs], b.workers)
     from nrrdd.evaluate import join_seeds
     from nrrdd.files import write_json
     for c in todo:
-        parts = [Path(p["dest"]) for p in split.get(c["id"], [])]
-        if parts and all(p.exists() for p in parts):
-            write_json(c["dest"], join_seeds([json.loads(p.read_text()) for p in parts]))
+        have, parts = split.get(c["id"], ([], []))
+        if parts and all(Path(p["dest"]).exists() for p in parts):
+            write_json(c["dest"], join_seeds(have + [json.loads(Path(p["dest"]).read_text()) for p in parts]))
     return [(c, json.loads(Path(c["dest"]).read_text())) for c in cells if Path(c["dest"]).exists()]
 
 
-def seed_parts(b: Bench, cell: dict) -> list[dict]:
-    """A cell's seeds as cells of one seed each, their records under work/parts/ (a killed run keeps the
+def seed_parts(b: Bench, cell: dict, seeds: list[int]) -> list[dict]:
+    """The cell's `seeds` as cells of one seed each, their records under work/parts/ (a killed run keeps the
     finished ones), so that the workers share one cell's students."""
-    first = cell["student"].get("first_seed", 0)
     return [{**cell, "id": f"{cell['id']}.seed{s}", "student": {**cell["student"], "first_seed": s, "seeds": 1},
              "dest": str(b.path(b.work) / "parts" / f"{cell['id']}.seed{s}.json")}
-            for s in range(first, first + cell["student"].get("seeds", 3))]
+            for s in seeds]
 
 
 # ---------------------------------------------------------------- search (validation only)

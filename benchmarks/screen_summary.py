@@ -43,23 +43,20 @@ def synthesis_of(r: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in synthesis_changes(r).items())
 
 
+# how a recipe field is named when it differs from StudentConfig's default (epochs and beta are always named)
+SHOWN = {"crop_min": "crop {}-1".format, "ema": "EMA {}".format, "temperature": "T {:g}".format,
+         "soft_loss": lambda v: f"{v.upper()} loss", "hard_ce": "+ {:g} hard CE".format,
+         "label_mode": "{} labels".format}
+
+
 def describe(key: tuple) -> str:
     from nrrdd.config import StudentConfig, recipe_name
     named = dict(zip(RECIPE + ("beta",), key))
     name = recipe_name(named)
     parts = [(f"{name}: " if name != "custom" else "") + f"{named['epochs']} epochs",
              f"beta {named['beta']}" + (" unstitched" if named["unstitch"] else "")]
-    if named["crop_min"] not in (None, 1.0):
-        parts.append(f"crop {named['crop_min']}-1")
-    if named["ema"]:
-        parts.append(f"EMA {named['ema']}")
-    if named["temperature"] not in (None, StudentConfig.temperature):
-        parts.append(f"T {named['temperature']:g}")
-    if named["soft_loss"] not in (None, StudentConfig.soft_loss):
-        parts.append(f"{named['soft_loss'].upper()} loss")
-    if named["hard_ce"]:
-        parts.append(f"+ {named['hard_ce']:g} hard CE")
-    return ", ".join(parts)
+    return ", ".join(parts + [fmt(named[k]) for k, fmt in SHOWN.items()
+                              if named[k] not in (None, getattr(StudentConfig, k))])
 
 
 def usual_teachers(records: list[dict]) -> dict:

@@ -78,7 +78,8 @@ def test_trials_beside_random_and_their_summary(tmp_path, digits_teacher):
 
 def test_workers_share_one_trials_seeds_and_join_them(tmp_path, digits_teacher):
     """An ensemble step makes the config's teacher; two workers, one 2-seed trial: each seed is its own part
-    (a record under work/parts/), the trial's one record joins them; a rerun trains nothing."""
+    (a record under work/parts/), the trial's one record joins them; a rerun trains nothing, a grown seed count
+    only the new seeds."""
     ens = tmp_path / "ens.safetensors"
     steps = [{"do": "ensemble", "members": [str(digits_teacher), str(digits_teacher)]},
              {"do": "trials", "folder": "screen", "trials": [
@@ -93,6 +94,14 @@ def test_workers_share_one_trials_seeds_and_join_them(tmp_path, digits_teacher):
     before = (results / "screen" / "random.json").stat().st_mtime_ns
     run_bench(tmp_path, steps, teacher=str(ens), workers=2, threads=1)
     assert (results / "screen" / "random.json").stat().st_mtime_ns == before
+    # grown to 4 seeds: only seeds 2 and 3 train, as parts of their own, joined to the record's two
+    steps[1]["trials"][0]["student"]["seeds"] = 4
+    run_bench(tmp_path, steps, teacher=str(ens), workers=2, threads=1)
+    grown = json.loads((results / "screen" / "random.json").read_text())
+    assert grown["seeds"] == [0, 1, 2, 3] and grown["per_seed"][:2] == rec["per_seed"]
+    assert sorted(p.name for p in (tmp_path / "work" / "parts").iterdir()) == [f"random.seed{s}.json" for s in range(4)]
+    assert sorted(d.name.split("@")[0] for d in (tmp_path / "work" / "eval").iterdir()) == [
+        f"random.seed{s}" for s in range(4)]
 
 
 def test_ddranking_check_writes_cifar_pickles_torchvision_reads(tmp_path):

@@ -122,17 +122,27 @@ def source_digest() -> str:
     return h.hexdigest()
 
 
+def git_state(where: Path) -> tuple[str | None, bool | None]:
+    """HEAD commit and whether tracked files differ from it, of the repository holding `where`; else of the
+    working directory's (a run from a copy of the source, e.g. one kept apart from edits, made from that
+    checkout: its source_sha256 says which source it was); (None, None) outside any."""
+    def git(*args, cwd):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=5)
+    try:
+        for cwd in (where, Path.cwd()):
+            r = git("rev-parse", "--verify", "HEAD", cwd=cwd)
+            if r.returncode == 0:
+                dirty = git("status", "--porcelain", "--untracked-files=no", cwd=cwd).stdout.strip()
+                return r.stdout.strip(), bool(dirty)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None, None
+
+
 def provenance() -> dict:
     """What a reader needs to rerun an output: record format, code version (git commit, or without .git the
     source digest), command, machine."""
-    try:
-        r = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent, timeout=5)
-        commit = r.stdout.strip() if r.returncode == 0 else None
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        commit, dirty = None, None
+    commit, dirty = git_state(Path(__file__).parent)
     import torchvision
     return {
         "schema_version": SCHEMA_VERSION, "nrrdd": __version__, "git_commit": commit, "git_dirty": dirty,
