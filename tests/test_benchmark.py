@@ -148,8 +148,10 @@ def test_ablation_sets_each_change_against_the_record_it_builds_on():
 
     records = [rec("r300", "random", 20.0, seeds=(0, 1)), rec("c300", "cidd", 25.0, seeds=(0, 1, 2)),
                rec("c1000", "cidd", 30.0), rec("c1000b4", "cidd", 37.0, epochs=1000, beta=4, unstitch=True),
-               rec("n300", "nrrdd", 24.5), rec("c300ens", "cidd", 26.5, teacher="ens")]
+               rec("n300", "nrrdd", 24.5), rec("c300ens", "cidd", 26.5, teacher="ens"),
+               rec("r300d1", "random", 19.0)]
     records[2]["config"]["epochs"] = 1000
+    records[-1]["distilled_config"]["seed"] = 1  # another draw of random images
     found = {(a["preset"], a["change"]): a for a in ablation.rows(records)}
     # a teacher fewer records used is a change like a setting: against the usual teacher's record
     assert (found["cidd", "teacher ens"]["on"], found["cidd", "teacher ens"]["val"]) == ("its preset, rded-300", 1.5)
@@ -160,7 +162,9 @@ def test_ablation_sets_each_change_against_the_record_it_builds_on():
     assert (refine["val"], refine["files"]) == (-0.5, "n300 vs c300")
     # no rded record: cidd is measured against random, on seeds 0 and 1 (25 - 20 each)
     assert found["cidd", "cidd over random real images"]["val"] == 5.0
-    assert found["cidd", "cidd over random real images"]["seeds"] == 2 and len(found) == 5
+    assert found["cidd", "cidd over random real images"]["seeds"] == 2 and len(found) == 6
+    # the synthesis seed is named as such, not read as a student seed
+    assert found["random", "synthesis seed 1"]["val"] == -1.0
 
 
 def test_headline_chooses_among_confirmed_rows_before_screens():

@@ -92,3 +92,30 @@ def test_bars_carry_the_ior(tmp_path, monkeypatch):
                         real_text(self, x, y, s, **k))
     accuracy_plot([_result("random", 10, [50.0]), _result("cidd", 10, [56.5])], tmp_path / "p.png")
     assert sorted(texts) == ["50.0", "56.5\nIOR +6.5"]
+
+
+def test_provenance_finds_the_commit_of_a_run_from_a_source_copy(tmp_path, monkeypatch):
+    """A package outside any repository (a copy kept apart from edits) records the working directory's HEAD
+    and whether its tracked files differ; outside any repository, none."""
+    import shutil
+    import subprocess
+
+    import pytest
+
+    from nrrdd.runtime import git_state
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo, copy = tmp_path / "repo", tmp_path / "copy"
+    repo.mkdir(), copy.mkdir()
+    monkeypatch.chdir(copy)
+    assert git_state(copy) == (None, None)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(repo)]
+    subprocess.run(git + ["init", "-q"], check=True)
+    (repo / "f").write_text("a")
+    subprocess.run(git + ["add", "f"], check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.chdir(repo)
+    assert git_state(copy) == (head, False)
+    (repo / "f").write_text("b")
+    assert git_state(copy) == (head, True)
