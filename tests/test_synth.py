@@ -471,6 +471,35 @@ def test_cluster_pick_takes_the_best_of_each_cluster():
     assert cluster_pick(f, score, 9, torch.Generator().manual_seed(0)).tolist() == [0, 1, 4, 3, 2]
 
 
+def test_herding_pick_keeps_the_running_mean_nearest_the_class_mean():
+    from nrrdd.selection import herding_pick
+
+    # unit features a, b, c; mean (0.533, 0.6). Squared distance of one item to it: a 0.578, b 0.444, c 0.044;
+    # of the mean of c and a 0.111, of c and b 0.144. So c, then a, then b; scale does not matter.
+    f = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    assert herding_pick(f, 1).tolist() == [2]
+    assert herding_pick(f, 2).tolist() == [2, 0]
+    assert herding_pick(f, 5).tolist() == [2, 0, 1]
+
+
+def test_herding_selects_from_the_same_candidates_by_their_features(digits, digits_teacher):
+    """select herding draws the pool and crops as every rule does, then takes herding_pick's patches of the
+    teacher's features, not the most confident ones."""
+    from nrrdd.selection import herding_pick
+    teacher, _ = load_model(digits_teacher, classes=digits.classes)
+    cpu = torch.device("cpu")
+    pool = preset_config("cidd", {"ipc": 20, "pool_per_class": 20})  # every candidate, most confident first
+    x, _, (everything,) = initial_images(teacher, digits.train, 10, pool, cpu, progress=False, classes=[3])
+    with torch.no_grad():
+        feats = teacher.embed(teacher.features(x))
+    herded, _, (rec,) = initial_images(teacher, digits.train, 10, preset_config("cidd", {
+        "ipc": 3, "pool_per_class": 20, "select": "herding"}), cpu, progress=False, classes=[3])
+    expected = herding_pick(feats, 3)
+    assert rec["source_index"] == [everything["source_index"][i] for i in expected]
+    assert torch.allclose(herded, x[expected])
+    assert rec["source_index"] != everything["source_index"][:3]
+
+
 def teachers_classes_folder(root, teacher, n_train: int, size: int) -> list[str]:
     """train/ (n_train random PNGs per class) and test/ (one) with the teacher's class folders."""
     from conftest import write_png

@@ -60,6 +60,23 @@ def cluster_pick(features: torch.Tensor, score: torch.Tensor, k: int, generator:
     return picked[torch.argsort(score[picked], descending=True, stable=True)]
 
 
+def herding_pick(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of k items, in the order picked, whose running mean of unit features stays nearest the mean of
+    all (herding, Welling 2009; iCaRL's exemplars): each pick is the item that adds most to what is already
+    chosen, so the set stands for the whole class instead of repeating its most confident view."""
+    f = F.normalize(features.float(), dim=1)
+    target, total = f.mean(0), torch.zeros(f.shape[1])
+    free = torch.ones(len(f), dtype=torch.bool)
+    picked = []
+    for t in range(1, min(k, len(f)) + 1):
+        gap = ((target - (total + f) / t) ** 2).sum(1).masked_fill(~free, math.inf)
+        i = int(gap.argmin())
+        picked.append(i)
+        free[i] = False
+        total += f[i]
+    return torch.tensor(picked, dtype=torch.long)
+
+
 @torch.no_grad()
 def teacher_ce(teacher: Net, x: torch.Tensor, c: int) -> torch.Tensor:
     batch_size = batch_size_for(x, 500)
@@ -90,12 +107,13 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     top = score.view(n, k).topk(min(cfg.top_t, k), dim=1).indices  # (n, t)
     keep = (top + torch.arange(n)[:, None] * k).flatten()
     patches = crop_resize(x, boxes[keep], h, owner[keep])
-    if cfg.select == "diverse":  # one teacher pass gives both the features and the confidence
+    if cfg.select in ("diverse", "herding"):  # one teacher pass gives both the features and the confidence
         b = batch_size_for(patches, 500)
         with torch.no_grad():
             feats = torch.cat([teacher.embed(teacher.features(patches[i:i + b])) for i in range(0, len(patches), b)])
-        conf = F.softmax(teacher.classifier(feats), 1)[:, c].cpu()
-        order = cluster_pick(feats.cpu(), conf, need, gen)
+            conf = F.softmax(teacher.classifier(feats), 1)[:, c].cpu()
+        order = cluster_pick(feats.cpu(), conf, need, gen) if cfg.select == "diverse" else \
+            herding_pick(feats.cpu(), need)
     else:
         conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
         order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
