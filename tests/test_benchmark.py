@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 HARNESS = Path(__file__).resolve().parents[1] / "benchmarks" / "harness.py"
 
@@ -188,3 +190,13 @@ def test_headline_chooses_among_confirmed_rows_before_screens():
     records += [rec("random", [70.0] * 3, "ens"), rec("cidd", [71.0] * 3, "ens")]
     row = headline.chosen(headline.with_settings(records)).splitlines()[2]
     assert "teacher ens" in row and "| +1.00 / +1.00 (cidd) |" in row
+
+
+def test_headline_replaces_only_the_readme_table_under_its_mark():
+    sys.path.insert(0, str(HARNESS.parent))
+    import headline
+    text = "intro\n<!-- headline -->\n| a |\n|---|\n| old |\n\nafter | not a row\n"
+    assert headline.into_readme(text, "| a |\n|---|\n| new |\n") == \
+        "intro\n<!-- headline -->\n| a |\n|---|\n| new |\n\nafter | not a row\n"
+    with pytest.raises(SystemExit):
+        headline.into_readme("no mark\n", "| a |\n")
