@@ -117,8 +117,15 @@ def evaluation_records(folders: list[str]) -> list[dict]:
 
 
 def random_rows(rows: list[dict], key=recipe_of) -> dict:
-    """The random-real-images row of each key (by default each recipe): the baseline of every row with that key."""
-    return {key(r): r for r in rows if r.get("preset") == "random"}
+    """The random-real-images row of each key (by default each recipe), the baseline of every row with that key:
+    the preset's own draw (another synthesis seed is a variant, not the baseline), of the most seeds."""
+    found: dict = {}
+    for r in rows:
+        if r.get("preset") == "random" and not synthesis_of(r):
+            k = key(r)
+            if k not in found or len(r["seeds"]) > len(found[k]["seeds"]):
+                found[k] = r
+    return found
 
 
 def shown(path: Path) -> str:

@@ -200,3 +200,16 @@ def test_headline_replaces_only_the_readme_table_under_its_mark():
         "intro\n<!-- headline -->\n| a |\n|---|\n| new |\n\nafter | not a row\n"
     with pytest.raises(SystemExit):
         headline.into_readme("no mark\n", "| a |\n")
+
+
+def test_the_random_baseline_is_the_presets_own_draw():
+    """Another draw of random images (synthesis seed 1) is a variant beside the baseline, whatever the order."""
+    sys.path.insert(0, str(HARNESS.parent))
+    from screen_summary import random_rows
+
+    def rec(seed, n):
+        return {"preset": "random", "seeds": list(range(n)), "config": {"epochs": 1000},
+                "distilled_config": {"init": "random", "refine": "none", "seed": seed}}
+    own, draw, fewer = rec(0, 3), rec(1, 3), rec(0, 1)
+    for rows in ([own, draw, fewer], [draw, fewer, own]):
+        assert list(random_rows(rows).values()) == [own]
