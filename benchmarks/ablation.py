@@ -30,9 +30,7 @@ def changes(r: dict, usual: dict) -> dict:
     student = {k: v for k, v in zip(RECIPE + ("beta",), recipe_of(r)) if v != default[k]}
     if other_teacher(r, usual):
         student["teacher"] = other_teacher(r, usual)
-    # the synthesis seed draws other images (a random draw); named so, it is not read as a student seed
-    synth = {("synthesis seed" if k == "seed" else k): v for k, v in synthesis_changes(r).items()}
-    return {**synth, **student}
+    return {**synthesis_changes(r), **student}
 
 
 def words(settings: dict) -> str:

@@ -138,10 +138,11 @@ def main() -> None:
             "column: NRR-DD's Table 1 (ConvNet) for nrrdd and for rded (the RDED figure it quotes), its CIDD "
             "ablation for cidd.\n\n")
     records = load(a.folders)
-    Path(a.out).write_text(head + "## Under the recipe chosen on validation\n\n" + chosen(records) +
+    best = chosen(records)
+    Path(a.out).write_text(head + "## Under the recipe chosen on validation\n\n" + best +
                            "\n## Every preset under every named recipe\n\n" + table(records))
     if a.readme:
-        Path(a.readme).write_text(into_readme(Path(a.readme).read_text(), chosen(records)))
+        Path(a.readme).write_text(into_readme(Path(a.readme).read_text(), best))
     print(Path(a.out).read_text())
 
 

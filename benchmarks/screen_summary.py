@@ -36,7 +36,9 @@ def synthesis_changes(r: dict) -> dict:
         preset = to_dict(preset_config(r.get("preset")))
     except NrrddError:  # a plain folder or a preset renamed since: show none
         return {}
-    return {k: v for k, v in sorted(made.items()) if k not in ("beta", "ipc") and preset.get(k) != v}
+    # the synthesis seed draws other images; named so, it is not read as a student seed
+    return {("synthesis seed" if k == "seed" else k): v for k, v in sorted(made.items())
+            if k not in ("beta", "ipc") and preset.get(k) != v}
 
 
 def synthesis_of(r: dict) -> str:
