@@ -421,7 +421,7 @@ def main() -> None:
     p.add_argument("--plan", action="store_true", help="list each grid and trials step's cells still to run, and "
                    "run nothing")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override top-level config fields, "
-                   "e.g. workers=14 device=cuda data=.gpu/cifar10")
+                   "e.g. workers=14 device=cuda data=cifar100")
     p.add_argument("--trials", nargs="+", default=[], metavar="ID", help="run only these trials of the trials steps "
                    "(so that two processes can share a config's trials without running one twice)")
     a = p.parse_args()

@@ -213,3 +213,17 @@ def test_the_random_baseline_is_the_presets_own_draw():
     own, draw, fewer = rec(0, 3), rec(1, 3), rec(0, 1)
     for rows in ([own, draw, fewer], [draw, fewer, own]):
         assert list(random_rows(rows).values()) == [own]
+
+
+def test_gpu_data_parts_are_equal_cuts_that_join_back(tmp_path):
+    """10 bytes in parts of at most 4: the fewest parts (3), cut as equal as bytes allow (4, 4, 2), and their
+    concatenation is the file."""
+    sys.path.insert(0, str(HARNESS.parent))
+    from make_gpu_data import split_bytes
+    src = tmp_path / "set.zip"
+    src.write_bytes(bytes(range(10)))
+    parts = split_bytes(src, 4)
+    assert [p.name for p in parts] == ["set.zip.0", "set.zip.1", "set.zip.2"]
+    assert [p.stat().st_size for p in parts] == [4, 4, 2]
+    assert b"".join(p.read_bytes() for p in parts) == bytes(range(10))
+    assert [p.stat().st_size for p in split_bytes(src, 5)] == [5, 5]

@@ -1,11 +1,16 @@
 """`nrrdd report` and the pictures: what a reader sees for one seed, one IPC, and an unrefined preset."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import matplotlib.axes
 import matplotlib.figure
+import pytest
 import torch
 
-from nrrdd.report import accuracy_plot, markdown_table
+from nrrdd.report import accuracy_plot, label_robust_score, markdown_table
+from nrrdd.runtime import git_state
 from nrrdd.viz import refinement_panel
 
 
@@ -57,8 +62,6 @@ def test_refinement_panel_scales_the_difference_or_says_no_refinement(tmp_path, 
 
 
 def test_label_robust_score_hand_value():
-    from nrrdd.report import label_robust_score
-
     # a = (5 - 45) / 200 = -0.2: (e^-0.2 - e^-1) / (e - e^-1) = 0.450852 / 2.350402
     assert label_robust_score(5.0, 45.0) == 19.18
     assert label_robust_score(0.0, 100.0 * 2) == 0.0  # a = -1: the floor
@@ -97,12 +100,6 @@ def test_bars_carry_the_ior(tmp_path, monkeypatch):
 def test_provenance_finds_the_commit_of_a_run_from_a_source_copy(tmp_path, monkeypatch):
     """A package outside any repository (a copy kept apart from edits) records the working directory's HEAD
     and whether its tracked files differ; outside any repository, none."""
-    import shutil
-    import subprocess
-
-    import pytest
-
-    from nrrdd.runtime import git_state
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
     repo, copy = tmp_path / "repo", tmp_path / "copy"

@@ -272,12 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "evaluate":
             s.add_argument("--labels", help="folder written by nrrdd relabel (stored modes; default: relabel here)")
         _no_verify(s, "a distilled folder")
-        s.add_argument("--recipe", default="rded-300", help=f"named student recipe: {', '.join(RECIPES)} (default: "
-                       "rded-300, the paper's and RDED's protocol; rded-1000 / rded-2000: the same for 1,000 / 2,000 "
-                       "epochs (rded-2000 best at IPC 10); mf-1000: "
-                       "rded-1000 on the tiles of a set distilled with --beta 4; mf-2000: the same for 2,000 epochs, best "
-                       "at IPC 1); --config and flags override its fields" + (" (relabel reads its label plan: epochs, batches, mixes)"
-                                                          if only else ""))
+        s.add_argument("--recipe", default="rded-300", metavar="NAME", help="named student recipe ("
+                       + "; ".join(f"{n}: {r.about}" for n, r in RECIPES.items()) + "); --config and flags override "
+                       "its fields" + (" (relabel reads its label plan: epochs, batches, mixes)" if only else "")
+                       + " (default: rded-300)")
         add_config_args(s, StudentConfig, "student recipe and labels" if only is None else "label plan", only)
         _common(s)
         s.set_defaults(fn=fn)

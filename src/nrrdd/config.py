@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, NamedTuple, get_args, get_origin, get_type_hints
 
 from nrrdd import NrrddError
 
@@ -293,12 +293,18 @@ class StudentConfig:
 # cidd 40.6, random 40.3); rded-2000 is rded-1000 for 2,000 epochs, the best validated at IPC 10 (CIFAR-10
 # validation, 3 seeds: cidd 67.8 -> 73.1, random 65.9 -> 72.2). A recipe fixes how students train, not which
 # images or labels.
-RECIPES: dict[str, dict] = {
-    "rded-300": {},
-    "rded-1000": {"epochs": 1000},
-    "rded-2000": {"epochs": 2000},
-    "mf-1000": {"epochs": 1000, "unstitch": True},
-    "mf-2000": {"epochs": 2000, "unstitch": True},
+class Recipe(NamedTuple):
+    fields: dict  # the StudentConfig fields it sets; the rest keep their defaults
+    about: str    # one line for --help
+
+
+RECIPES: dict[str, Recipe] = {
+    "rded-300": Recipe({}, "the paper's and RDED's protocol (300 epochs, AdamW, flip + CutMix, KL at T 20)"),
+    "rded-1000": Recipe({"epochs": 1000}, "rded-300 for 1,000 epochs"),
+    "rded-2000": Recipe({"epochs": 2000}, "rded-300 for 2,000 epochs, the best validated at IPC 10"),
+    "mf-1000": Recipe({"epochs": 1000, "unstitch": True}, "rded-1000 on the tiles of a set distilled with --beta 4, "
+                      "each resized to full size (multi-formation)"),
+    "mf-2000": Recipe({"epochs": 2000, "unstitch": True}, "mf-1000 for 2,000 epochs, the best validated at IPC 1"),
 }
 TRAINING_FIELDS = ("student", "width", "norm", "epochs", "batch_size", "lr", "weight_decay", "cosine_span",
                    "temperature", "soft_loss", "hard_ce", "mix", "mix_alpha", "crop_min", "flip", "ema", "unstitch")
@@ -308,7 +314,7 @@ def recipe_fields(name: str) -> dict:
     """The StudentConfig fields a named recipe sets (the rest keep StudentConfig's defaults)."""
     if name not in RECIPES:
         raise NrrddError(f"unknown student recipe '{name}'; recipes: {', '.join(RECIPES)}")
-    return RECIPES[name]
+    return RECIPES[name].fields
 
 
 def recipe_config(name: str, *overrides) -> StudentConfig:
@@ -317,7 +323,7 @@ def recipe_config(name: str, *overrides) -> StudentConfig:
 
 def recipe_name(cfg: dict) -> str:
     """The named recipe a student config trains by (its training fields equal the recipe's), else 'custom'."""
-    for name, fields in RECIPES.items():
+    for name in RECIPES:
         ref = to_dict(recipe_config(name))
         if all(cfg.get(k, ref[k]) == ref[k] for k in TRAINING_FIELDS):
             return name

@@ -77,6 +77,12 @@ def herding_pick(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.long)
 
 
+# The selection rules that read the teacher's features of the candidate patches: (features, confidence in the
+# class, k, generator) -> the indices kept, in order. The others rank by confidence alone.
+FEATURE_PICKS = {"diverse": lambda feats, conf, k, gen: cluster_pick(feats, conf, k, gen),
+                 "herding": lambda feats, conf, k, gen: herding_pick(feats, k)}
+
+
 @torch.no_grad()
 def teacher_ce(teacher: Net, x: torch.Tensor, c: int) -> torch.Tensor:
     batch_size = batch_size_for(x, 500)
@@ -107,13 +113,12 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     top = score.view(n, k).topk(min(cfg.top_t, k), dim=1).indices  # (n, t)
     keep = (top + torch.arange(n)[:, None] * k).flatten()
     patches = crop_resize(x, boxes[keep], h, owner[keep])
-    if cfg.select in ("diverse", "herding"):  # one teacher pass gives both the features and the confidence
+    if cfg.select in FEATURE_PICKS:  # one teacher pass gives both the features and the confidence
         b = batch_size_for(patches, 500)
         with torch.no_grad():
             feats = torch.cat([teacher.embed(teacher.features(patches[i:i + b])) for i in range(0, len(patches), b)])
             conf = F.softmax(teacher.classifier(feats), 1)[:, c].cpu()
-        order = cluster_pick(feats.cpu(), conf, need, gen) if cfg.select == "diverse" else \
-            herding_pick(feats.cpu(), need)
+        order = FEATURE_PICKS[cfg.select](feats.cpu(), conf, need, gen)
     else:
         conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
         order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
