@@ -3,7 +3,9 @@
 # named by $BENCH_CONFIG). The data sets arrive as byte parts of zips in .gpu/ (git-ignored, made by
 # benchmarks/make_gpu_data.py, carried by the device tool one part per call); results are zipped into $OUT
 # every 20 s so a timeout still returns finished cells.
-# Call as: bash benchmarks/gpu_run.sh (the copy there has no .git: results record the source digest)
+# Call as: bash benchmarks/gpu_run.sh (the copy there has no .git: results record the source digest), e.g. two
+# device calls: `true` carrying .gpu/cifar100.zip.0, then
+# `BENCH_CONFIG=benchmarks/configs/gpu_cifar100.json bash benchmarks/gpu_run.sh` carrying .gpu/cifar100.zip.1.
 # Join each set's parts once all have arrived (a zip whose parts are missing fails the test) and lay it out as
 # ../shared/datasets does, so configs and records name the set (cifar10), not a path.
 for name in cifar10 cifar100; do
