@@ -58,6 +58,9 @@ def main() -> None:
                    "working tree each must stay under the device tool's 64 MiB a call")
     a = p.parse_args()
     root, tree = Path(a.root), tree_mib()
+    missing = [str(root / ZIPPED.get(n, n)) for n in a.data if not (root / ZIPPED.get(n, n)).exists()]
+    if missing:  # before anything under .gpu/ is replaced
+        raise SystemExit(f"not found: {', '.join(missing)} (--root names the folder that holds the data sets)")
     OUT.mkdir(exist_ok=True)
     for name in a.data:
         whole = OUT / f"{name}.zip"
