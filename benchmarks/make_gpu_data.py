@@ -11,7 +11,6 @@ then [".gpu/cifar10.zip.1"], ...) and the last call runs the benchmark.
 import argparse
 import math
 import os
-import shutil
 import subprocess
 import zipfile
 from pathlib import Path
@@ -31,15 +30,17 @@ def folder_zip(root: Path, name: str, dest: Path) -> None:
                 z.write(path, path.relative_to(root))
 
 
-def split_bytes(src: Path, part_bytes: int) -> list[Path]:
-    """Cut `src` into the fewest equal parts of at most `part_bytes` (src.0, src.1, ...): `cat` joins them."""
+def split_bytes(src: Path, part_bytes: int, dest: Path | None = None) -> list[Path]:
+    """Cut `src` into the fewest equal parts of at most `part_bytes` (dest.0, dest.1, ...; dest: src by
+    default): `cat` joins them."""
+    dest = dest or src
     size = src.stat().st_size
     n = max(1, math.ceil(size / part_bytes))
     step = math.ceil(size / n)
     parts = []
     with open(src, "rb") as f:
         for i in range(n):
-            parts.append(src.with_name(f"{src.name}.{i}"))
+            parts.append(dest.with_name(f"{dest.name}.{i}"))
             parts[-1].write_bytes(f.read(step))
     return parts
 
@@ -57,8 +58,8 @@ def main() -> None:
     p.add_argument("--part-mib", type=float, default=56.0, help="largest part (parts are cut equal); with the "
                    "working tree each must stay under the device tool's 64 MiB a call")
     a = p.parse_args()
-    root, tree = Path(a.root), tree_mib()
-    missing = [str(root / ZIPPED.get(n, n)) for n in a.data if not (root / ZIPPED.get(n, n)).exists()]
+    tree, source = tree_mib(), {n: Path(a.root) / ZIPPED.get(n, n) for n in a.data}
+    missing = [str(p) for p in source.values() if not p.exists()]
     if missing:  # before anything under .gpu/ is replaced
         raise SystemExit(f"not found: {', '.join(missing)} (--root names the folder that holds the data sets)")
     OUT.mkdir(exist_ok=True)
@@ -66,12 +67,12 @@ def main() -> None:
         whole = OUT / f"{name}.zip"
         for old in OUT.glob(f"{name}.zip*"):  # this script's own output only
             old.unlink()
-        if name in ZIPPED:
-            shutil.copyfile(root / ZIPPED[name], whole)
+        if name in ZIPPED:  # cut the shipped zip as it is, with no copy of it first
+            parts = split_bytes(source[name], int(a.part_mib * 2**20), whole)
         else:
-            folder_zip(root, name, whole)
-        parts = split_bytes(whole, int(a.part_mib * 2**20))
-        whole.unlink()
+            folder_zip(Path(a.root), name, whole)
+            parts = split_bytes(whole, int(a.part_mib * 2**20))
+            whole.unlink()
         for part in parts:
             mib = part.stat().st_size / 2**20
             print(f"{part.relative_to(OUT.parent)}: {mib:.1f} MiB")

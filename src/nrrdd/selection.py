@@ -79,8 +79,7 @@ def herding_pick(features: torch.Tensor, k: int) -> torch.Tensor:
 
 # The selection rules that read the teacher's features of the candidate patches: (features, confidence in the
 # class, k, generator) -> the indices kept, in order. The others rank by confidence alone.
-FEATURE_PICKS = {"diverse": lambda feats, conf, k, gen: cluster_pick(feats, conf, k, gen),
-                 "herding": lambda feats, conf, k, gen: herding_pick(feats, k)}
+FEATURE_PICKS = {"diverse": cluster_pick, "herding": lambda feats, conf, k, gen: herding_pick(feats, k)}
 
 
 @torch.no_grad()
