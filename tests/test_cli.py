@@ -142,5 +142,6 @@ def test_recipes_name_the_training_not_the_labels():
     assert recipe_name({"epochs": 1000, "unstitch": True, "temperature": 20.0}) == "mf-1000"
     assert recipe_config("mf-1000").unstitch and recipe_config("mf-1000", {"unstitch": False}).epochs == 1000
     assert recipe_name({"epochs": 2000, "unstitch": True}) == "mf-2000"
+    assert recipe_name({"epochs": 4000, "unstitch": True}) == "mf-4000"
     assert recipe_name(to_dict(recipe_config("rded-300", {"epochs": 2000}))) == "rded-2000"
     assert recipe_name(to_dict(recipe_config("rded-300", {"epochs": 4000}))) == "custom"
