@@ -290,8 +290,8 @@ class StudentConfig:
 # with --beta 4 (multi-formation), the best validated at IPC 1 (CIFAR-10 validation, 3 seeds: cidd 29.5 ->
 # 36.5, random 26.0 -> 30.7; benchmarks/results/screen_cifar10_ipc1.md) but not at IPC 10 (-9.3 at 300
 # epochs), and a no-op on a beta 1 set; mf-2000 the same for NCFM's 2,000 epochs (IPC 1 validation, 1 seed:
-# cidd 40.6, random 40.3); mf-4000 for 4,000 (at IPC 1 an epoch is one step; validation, seed 0, two-teacher
-# ensemble: rded 42.3 -> 52.6, random 41.1 -> 49.0; benchmarks/results/screen_cifar10_ensemble_ipc1.md); rded-2000 is rded-1000 for 2,000 epochs, the best validated at IPC 10 (CIFAR-10
+# cidd 40.6, random 40.3); mf-4000 for 4,000 (at IPC 1 an epoch is one step; validation, 3 seeds, two-teacher
+# ensemble: rded 43.1 -> 50.8, random 41.3 -> 48.8; benchmarks/results/screen_cifar10_ensemble_ipc1.md); rded-2000 is rded-1000 for 2,000 epochs, the best validated at IPC 10 (CIFAR-10
 # validation, 3 seeds: cidd 67.8 -> 73.1, random 65.9 -> 72.2). A recipe fixes how students train, not which
 # images or labels.
 class Recipe(NamedTuple):
