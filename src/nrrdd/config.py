@@ -283,17 +283,15 @@ class StudentConfig:
         return _model_kwargs(self.student, self.width, self.norm)
 
 
-# Named student recipes, so every figure can say which one it used: rded-300 is the protocol of the paper and
-# RDED (the StudentConfig defaults), kept for like-for-like rows; rded-1000 the same with the longest schedule
-# validated at IPC 10 (CIFAR-10 validation: random 53.0 -> 66.1, cidd 58.3 -> 67.1;
-# benchmarks/results/screen_cifar10_ipc10.md); mf-1000 is rded-1000 on the decoded tiles of a set distilled
-# with --beta 4 (multi-formation), the best validated at IPC 1 (CIFAR-10 validation, 3 seeds: cidd 29.5 ->
-# 36.5, random 26.0 -> 30.7; benchmarks/results/screen_cifar10_ipc1.md) but not at IPC 10 (-9.3 at 300
-# epochs), and a no-op on a beta 1 set; mf-2000 the same for NCFM's 2,000 epochs (IPC 1 validation, 1 seed:
-# cidd 40.6, random 40.3); mf-4000 for 4,000 (at IPC 1 an epoch is one step; validation, 3 seeds, two-teacher
-# ensemble: rded 43.1 -> 50.8, random 41.3 -> 48.8; benchmarks/results/screen_cifar10_ensemble_ipc1.md); rded-2000 is rded-1000 for 2,000 epochs, the best validated at IPC 10 (CIFAR-10
-# validation, 3 seeds: cidd 67.8 -> 73.1, random 65.9 -> 72.2). A recipe fixes how students train, not which
-# images or labels.
+# Named student recipes, so every figure can say which one it used. rded-300 is the protocol of the paper and
+# RDED (the StudentConfig defaults), kept for like-for-like rows. Longer schedules, CIFAR-10 validation, 3 seeds
+# (benchmarks/results/screen_cifar10_ipc10.md, screen_cifar10_ipc1.md, screen_cifar10_ensemble_ipc1.md):
+# - rded-1000 / rded-2000 at IPC 10: cidd 58.3 -> 67.8 -> 73.1, random 53.0 -> 65.9 -> 72.2 (2,000 chosen).
+# - mf-*: the same on the decoded tiles of a set distilled with --beta 4 (multi-formation; a no-op on a beta 1
+#   set). At IPC 1, mf-1000: cidd 36.5, random 30.7 (29.5 and 26.0 on whole images); mf-2000 (NCFM's
+#   schedule): cidd 41.7, random 40.1; mf-4000 with the two-teacher ensemble: rded 50.8, random 48.8 (chosen;
+#   at IPC 1 an epoch is a single step). At IPC 10 multi-formation costs cidd 9.3 points at 300 epochs (seed 0).
+# A recipe fixes how students train, not which images or labels.
 class Recipe(NamedTuple):
     fields: dict  # the StudentConfig fields it sets; the rest keep their defaults
     about: str    # one line for --help
