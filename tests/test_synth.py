@@ -482,6 +482,30 @@ def test_herding_pick_keeps_the_running_mean_nearest_the_class_mean():
     assert herding_pick(f, 5).tolist() == [2, 0, 1]
 
 
+def test_confidence_pick_takes_the_top_the_bottom_or_the_middle_of_the_ranking():
+    from nrrdd.selection import confidence_pick
+
+    # ranked by confidence, most first: 3 (0.9), 0 (0.7), 4 (0.5), 1 (0.3), 2 (0.1)
+    conf = torch.tensor([0.7, 0.3, 0.1, 0.9, 0.5])
+    assert confidence_pick(conf, 2, "highest").tolist() == [3, 0]
+    assert confidence_pick(conf, 2, "lowest").tolist() == [2, 1]
+    assert confidence_pick(conf, 1, "median").tolist() == [4]
+    assert confidence_pick(conf, 3, "median").tolist() == [0, 4, 1]
+    assert confidence_pick(conf, 2, "median").tolist() == [0, 4]  # ranks 1-2 of 0-4: the odd one out goes low
+    assert confidence_pick(conf, 9, "median").tolist() == [3, 0, 4, 1, 2]
+
+
+def test_median_selects_from_the_same_candidates_the_middle_of_the_ranking(digits, digits_teacher):
+    teacher, _ = load_model(digits_teacher, classes=digits.classes)
+    cpu = torch.device("cpu")
+    pool = preset_config("cidd", {"ipc": 20, "pool_per_class": 20})  # every candidate, most confident first
+    _, _, (everything,) = initial_images(teacher, digits.train, 10, pool, cpu, progress=False, classes=[3])
+    _, _, (rec,) = initial_images(teacher, digits.train, 10, preset_config("cidd", {
+        "ipc": 4, "pool_per_class": 20, "select": "median"}), cpu, progress=False, classes=[3])
+    n = len(everything["source_index"])
+    assert rec["source_index"] == everything["source_index"][(n - 4) // 2:(n - 4) // 2 + 4]
+
+
 def test_herding_selects_from_the_same_candidates_by_their_features(digits, digits_teacher):
     """select herding draws the pool and crops as every rule does, then takes herding_pick's patches of the
     teacher's features, not the most confident ones."""

@@ -160,10 +160,10 @@ class SynthConfig:
                                  ("cam_ratio", "cam_mean", "ce"))
     top_t: int = help_field(1, "crops kept per pooled image (t)")
     select: str = help_field("highest", "keep the patches of highest (Algorithm 1, RDED) or lowest (Sec. 3.2 text) "
-                             "teacher confidence; diverse: the most confident of each of ipc x beta k-means "
-                             "clusters of the teacher's features; herding: greedily, the patch whose features "
-                             "bring the chosen set's mean nearest the class's mean",
-                             ("highest", "lowest", "diverse", "herding"))
+                             "teacher confidence, or those ranked around its median; diverse: the most confident "
+                             "of each of ipc x beta k-means clusters of the teacher's features; herding: greedily, "
+                             "the patch whose features bring the chosen set's mean nearest the class's mean",
+                             ("highest", "lowest", "median", "diverse", "herding"))
     beta: int = help_field(1, "patches stitched per image: 1, 4 or 9")
     refine: str = help_field("masked", "refinement: none, masked (NRR: non-critical pixels only, Eq. 4-5), all "
                              "(SRe2L)", ("none", "masked", "all"))

@@ -77,6 +77,17 @@ def herding_pick(features: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.long)
 
 
+def confidence_pick(conf: torch.Tensor, k: int, rule: str) -> torch.Tensor:
+    """Indices of k items by the teacher's confidence: the most confident first (highest), the least confident
+    first (lowest), or the k ranked around the median (median), most confident first. With soft labels the
+    class's easiest views tell a student little the label does not; its failures tell it wrong things."""
+    if rule == "lowest":
+        return torch.argsort(conf, stable=True)[:k]
+    ranked = torch.argsort(conf, descending=True, stable=True)
+    start = max(len(conf) - k, 0) // 2 if rule == "median" else 0
+    return ranked[start:start + k]
+
+
 # The selection rules that read the teacher's features of the candidate patches: (features, confidence in the
 # class, k, generator) -> the indices kept, in order. The others rank by confidence alone.
 FEATURE_PICKS = {"diverse": cluster_pick, "herding": lambda feats, conf, k, gen: herding_pick(feats, k)}
@@ -120,7 +131,7 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
         order = FEATURE_PICKS[cfg.select](feats.cpu(), conf, need, gen)
     else:
         conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
-        order = torch.argsort(conf, descending=cfg.select == "highest", stable=True)[:need]
+        order = confidence_pick(conf, need, cfg.select)
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),
         "confidence": [round(v, 5) for v in conf[order].tolist()]}
