@@ -495,13 +495,20 @@ def test_confidence_pick_takes_the_top_the_bottom_or_the_middle_of_the_ranking()
     assert confidence_pick(conf, 9, "median").tolist() == [3, 0, 4, 1, 2]
 
 
+def _every_candidate(digits, teacher):
+    """cidd's candidate patches of class 3 of the digits and their record, all of them, most confident first:
+    what any selection rule with pool_per_class 20 chooses from."""
+    pool = preset_config("cidd", {"ipc": 20, "pool_per_class": 20})
+    x, _, (everything,) = initial_images(teacher, digits.train, 10, pool, torch.device("cpu"), progress=False,
+                                         classes=[3])
+    return x, everything
+
+
 def test_median_selects_from_the_same_candidates_the_middle_of_the_ranking(digits, digits_teacher):
     teacher, _ = load_model(digits_teacher, classes=digits.classes)
-    cpu = torch.device("cpu")
-    pool = preset_config("cidd", {"ipc": 20, "pool_per_class": 20})  # every candidate, most confident first
-    _, _, (everything,) = initial_images(teacher, digits.train, 10, pool, cpu, progress=False, classes=[3])
+    _, everything = _every_candidate(digits, teacher)
     _, _, (rec,) = initial_images(teacher, digits.train, 10, preset_config("cidd", {
-        "ipc": 4, "pool_per_class": 20, "select": "median"}), cpu, progress=False, classes=[3])
+        "ipc": 4, "pool_per_class": 20, "select": "median"}), torch.device("cpu"), progress=False, classes=[3])
     n = len(everything["source_index"])
     assert rec["source_index"] == everything["source_index"][(n - 4) // 2:(n - 4) // 2 + 4]
 
@@ -511,13 +518,11 @@ def test_herding_selects_from_the_same_candidates_by_their_features(digits, digi
     teacher's features, not the most confident ones."""
     from nrrdd.selection import herding_pick
     teacher, _ = load_model(digits_teacher, classes=digits.classes)
-    cpu = torch.device("cpu")
-    pool = preset_config("cidd", {"ipc": 20, "pool_per_class": 20})  # every candidate, most confident first
-    x, _, (everything,) = initial_images(teacher, digits.train, 10, pool, cpu, progress=False, classes=[3])
+    x, everything = _every_candidate(digits, teacher)
     with torch.no_grad():
         feats = teacher.embed(teacher.features(x))
     herded, _, (rec,) = initial_images(teacher, digits.train, 10, preset_config("cidd", {
-        "ipc": 3, "pool_per_class": 20, "select": "herding"}), cpu, progress=False, classes=[3])
+        "ipc": 3, "pool_per_class": 20, "select": "herding"}), torch.device("cpu"), progress=False, classes=[3])
     expected = herding_pick(feats, 3)
     assert rec["source_index"] == [everything["source_index"][i] for i in expected]
     assert torch.allclose(herded, x[expected])
