@@ -145,3 +145,6 @@ def test_recipes_name_the_training_not_the_labels():
     assert recipe_name({"epochs": 4000, "unstitch": True}) == "mf-4000"
     assert recipe_name(to_dict(recipe_config("rded-300", {"epochs": 2000}))) == "rded-2000"
     assert recipe_name(to_dict(recipe_config("rded-300", {"epochs": 4000}))) == "custom"
+    # random-resized crops in the student: the crop floor is a training field, so it names its own recipe
+    assert recipe_name({"epochs": 1000, "crop_min": 0.5}) == "crop-1000"
+    assert recipe_name({"epochs": 2000, "crop_min": 0.25}) == "custom"
