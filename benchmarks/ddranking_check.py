@@ -303,7 +303,9 @@ def main() -> None:
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
     todo = [(n, "soft", a.lr) for n in folders] + [(n, "hard", lr) for n in a.hard for lr in a.hard_lrs]
     for name, kind, lr in todo:
-        key = f"{name}|{kind}|{lr}|{a.epochs}|{a.seed}|{a.test_every}"
+        # the images' digest is in the key: a set distilled again under the same name is trained again, never
+        # resumed from a student of its earlier images (DD-Ranking's own random draw is fixed by the seed)
+        key = f"{name}|{digests.get(name, 'ddr-draw')[:16]}|{kind}|{lr}|{a.epochs}|{a.seed}|{a.test_every}"
         if key not in runs:
             print(f"{name}: {kind} labels, lr {lr}", flush=True)
             runs[key] = {"set": name, "kind": kind, **student_run(metric, curve, kind, folders[name], lr, a.seed)}
