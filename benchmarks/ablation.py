@@ -33,6 +33,10 @@ def changes(r: dict, usual: dict) -> dict:
     return {**synthesis_changes(r), **student}
 
 
+def images(r: dict) -> str | None:
+    return (r.get("inputs") or {}).get("images_sha256")
+
+
 def words(settings: dict) -> str:
     return ", ".join(k if v is True else f"{k} {v}" for k, v in sorted(settings.items())) or "its preset, rded-300"
 
@@ -62,7 +66,13 @@ def rows(records: list[dict]) -> list[dict]:
                  and set(k[3]) < set(mine.items())]
         if bases:
             theirs, base = max(bases, key=lambda kb: (len(kb[0]), len(kb[1]["seeds"])))
-            add(r, base, words({k: v for k, v in mine.items() if (k, v) not in theirs}), words(dict(theirs)))
+            change = {k: v for k, v in mine.items() if (k, v) not in theirs}
+            # a student setting leaves the images as they were: where they differ, the set was distilled again
+            # (float sums vary with threads and machines), so the row measures that as well
+            again = not set(change) & (set(synthesis_changes(r)) | {"beta", "teacher"}) and \
+                None not in (images(r), images(base)) and images(r) != images(base)
+            add(r, base, words(change) + (" (other images: the same set distilled again)" if again else ""),
+                words(dict(theirs)))
         if preset == "random":
             continue
         # against the preset it adds to, else (a screen that ran only the two) against random real images
