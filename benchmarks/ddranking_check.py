@@ -290,7 +290,7 @@ def main() -> None:
     from nrrdd.relabel import images_digest
     folders, digests = {}, {n: images_digest(load_distilled(f)[0].images) for n, f in sets.items()}
     for name, folder in sets.items():
-        dest = a.work / "export" / name
+        dest = a.work / "export" / f"{name}@{digests[name][:16]}"  # a set distilled again is exported again
         if not (dest / "export.json").exists():
             export(folder, dest, overwrite=dest.exists())
         folders[name] = str(dest / "image_folder")
@@ -301,6 +301,7 @@ def main() -> None:
     same = {n: equivalence(metric, folders[n], sets[n], a.teacher, meta["mean"], meta["std"]) for n in sets}
     runs_file = a.work / "runs.json"  # a killed check resumes: finished students are not retrained
     runs = json.loads(runs_file.read_text()) if runs_file.exists() else {}
+    current = {}  # (set, labels, lr) -> this check's student, never one of an earlier set of the same name
     todo = [(n, "soft", a.lr) for n in folders] + [(n, "hard", lr) for n in a.hard for lr in a.hard_lrs]
     for name, kind, lr in todo:
         # the images' digest is in the key: a set distilled again under the same name is trained again, never
@@ -310,6 +311,7 @@ def main() -> None:
             print(f"{name}: {kind} labels, lr {lr}", flush=True)
             runs[key] = {"set": name, "kind": kind, **student_run(metric, curve, kind, folders[name], lr, a.seed)}
             runs_file.write_text(json.dumps(runs, indent=1))
+        current[name, kind, lr] = runs[key]
         print(f"  {name} {kind}: best {runs[key]['best']:.2f}, final {runs[key]['final']}", flush=True)
 
     full = {}
@@ -321,7 +323,7 @@ def main() -> None:
 
     ours = ours_by_preset(a.ours)
     rows = {}
-    soft = {r["set"]: r for r in runs.values() if r["kind"] == "soft" and r["lr"] == a.lr}
+    soft = {n: r for (n, kind, _), r in current.items() if kind == "soft"}
     for name in folders:
         if name not in soft:
             continue
@@ -330,7 +332,7 @@ def main() -> None:
         if row["ours"]:
             row["ours"]["same_images"] = row["ours"]["images_sha256"] in (None, digests.get(name)) or False
             row["difference_final"] = round(soft[name]["final"] - row["ours"]["seed0_test"], 2)
-        hard = [r for r in runs.values() if r["kind"] == "hard" and r["set"] == name]
+        hard = [r for (n, kind, _), r in current.items() if kind == "hard" and n == name]
         if hard:
             top = max(hard, key=lambda r: r["best"])  # DD-Ranking's own choice: the best test accuracy
             row["ddranking_hard_best"], row["hard_lr"] = top["best"], top["lr"]
@@ -349,7 +351,7 @@ def main() -> None:
                   "full_data_hard_label_acc": {"value": full_acc, "source": "teacher's test accuracy (ConvNet-3-BN,"
                                                " hard labels, 45,000 training images, nrrdd's recipe)"}},
               "teacher": shown(a.teacher),
-              "sets": {n: {"folder": str(f), "images_sha256": digests[n]} for n, f in sets.items()}, "rows": rows, "runs": list(runs.values()),
+              "sets": {n: {"folder": str(f), "images_sha256": digests[n]} for n, f in sets.items()}, "rows": rows, "runs": list(current.values()),
               "compute_metrics": full, "equivalence": same,
               "wall_time_s": round(time.time() - t0, 1), **provenance(),
               "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -104,7 +104,8 @@ def shared(trials: list[dict]) -> str:
             f"(T = {values(lambda t: t['config'].get('temperature'))}) "
             f"from teacher `{values(lambda t: Path(t['teacher']).name)}`; each row's seeds are its own, and the gain "
             f"over random is taken on the seeds both rows trained. Wall times are per record, of one thread beside "
-            f"another job.")
+            f"another job; a record joined from parts (seeds trained side by side or in separate runs) sums its "
+            f"parts' times, so it reads as one-thread seconds for all its students, not as elapsed time.")
 
 
 def evaluation_records(folders: list[str]) -> list[dict]:

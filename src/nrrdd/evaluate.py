@@ -158,7 +158,8 @@ def seed_stats(per_seed: list[dict]) -> dict:
 def join_seeds(records: list[dict]) -> dict:
     """One evaluation record of the same students from records of disjoint seeds (parts trained in parallel, a
     confirmation's seeds beside a screen's): per-seed results joined, statistics and the random baseline's
-    recomputed, wall times summed; the rest is the first record's."""
+    recomputed, wall times summed (the students' cost, not the elapsed time when parts ran side by side); the rest
+    is the first record's."""
     def joined(parts: list[dict]) -> dict:
         per_seed = sorted((p for r in parts for p in r["per_seed"]), key=lambda p: p["seed"])
         seeds = [p["seed"] for p in per_seed]
