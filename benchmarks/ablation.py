@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from screen_summary import RECIPE, evaluation_records, merge_seeds, recipe_of, other_teacher, synthesis_changes, usual_teachers
+from screen_summary import (RECIPE, evaluation_records, images_of, merge_seeds, recipe_of, other_teacher,
+                            synthesis_changes, usual_teachers)
 
 
 # what each preset adds to the one it is measured against
@@ -31,10 +32,6 @@ def changes(r: dict, usual: dict) -> dict:
     if other_teacher(r, usual):
         student["teacher"] = other_teacher(r, usual)
     return {**synthesis_changes(r), **student}
-
-
-def images(r: dict) -> str | None:
-    return (r.get("inputs") or {}).get("images_sha256")
 
 
 def words(settings: dict) -> str:
@@ -70,7 +67,7 @@ def rows(records: list[dict]) -> list[dict]:
             # a student setting leaves the images as they were: where they differ, the set was distilled again
             # (float sums vary with threads and machines), so the row measures that as well
             again = not set(change) & (set(synthesis_changes(r)) | {"beta", "teacher"}) and \
-                None not in (images(r), images(base)) and images(r) != images(base)
+                None not in (images_of(r), images_of(base)) and images_of(r) != images_of(base)
             add(r, base, words(change) + (" (other images: the same set distilled again)" if again else ""),
                 words(dict(theirs)))
         if preset == "random":

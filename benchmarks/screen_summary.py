@@ -73,6 +73,11 @@ def other_teacher(r: dict, usual: dict) -> str | None:
     return None if name == usual[r["data"]] else Path(name).stem
 
 
+def images_of(r: dict) -> str | None:
+    """The digest of the images a record's students trained on (None in records from before it was kept)."""
+    return (r.get("inputs") or {}).get("images_sha256")
+
+
 def merge_seeds(trials: list[dict]) -> list[dict]:
     """One row per set of images and recipe: records that trained other seeds of the same students (a
     confirmation's seeds 1-2 beside a screen's seed 0) are joined, their files named together; of two that
@@ -82,7 +87,7 @@ def merge_seeds(trials: list[dict]) -> list[dict]:
     rows: dict[tuple, dict] = {}
     for t in trials:
         key = (t.get("data"), t.get("ipc"), recipe_of(t), t.get("preset"), synthesis_of(t),
-               (t.get("inputs") or {}).get("images_sha256"), Path(t["teacher"]).name, t["config"].get("label_mode"))
+               images_of(t), Path(t["teacher"]).name, t["config"].get("label_mode"))
         if key not in rows:
             rows[key] = t
             continue
