@@ -20,7 +20,8 @@ PARENT = {"rded": ("random", "RDED's selection (crops scored by teacher cross-en
           "sre2l": ("random", "SRe2L's synthesis from noise over random real images"),
           "cidd": ("rded", "CIDD's selection (CAM-ratio scoring) over RDED's"),
           "nrrdd": ("cidd", "the non-critical region refinement over unrefined CIDD"),
-          "nrrdd-lr": ("nrrdd", "label refinement over NRR-DD")}
+          "nrrdd-lr": ("nrrdd", "label refinement over NRR-DD"),
+          "cidd-whole": ("cidd", "whole images, the teacher's most confident, over CIDD's patches")}
 
 
 def changes(r: dict, usual: dict) -> dict:

@@ -19,7 +19,7 @@ from screen_summary import (describe, evaluation_records, merge_seeds, other_tea
 from nrrdd.config import recipe_name
 
 
-ORDER = ("random", "rded", "sre2l", "cidd", "nrrdd", "nrrdd-lr")
+ORDER = ("random", "rded", "sre2l", "cidd", "nrrdd", "nrrdd-lr", "cidd-whole")
 # the best published ConvNet-3 figure per data set and IPC (../shared/docs/anchors.md; protocols differ)
 ANCHORS = {("cifar10", 1): "NCFM 49.5", ("cifar10", 10): "NCFM 71.8", ("cifar10", 50): "NCFM 77.4",
            ("cifar100", 1): "NRR-DD 27.3", ("cifar100", 10): "NRR-DD 55.7", ("cifar100", 50): "NRR-DD 61.1"}

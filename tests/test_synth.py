@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -493,6 +494,19 @@ def test_confidence_pick_takes_the_top_the_bottom_or_the_middle_of_the_ranking()
     assert confidence_pick(conf, 3, "median").tolist() == [0, 4, 1]
     assert confidence_pick(conf, 2, "median").tolist() == [0, 4]  # ranks 1-2 of 0-4: the odd one out goes low
     assert confidence_pick(conf, 9, "median").tolist() == [3, 0, 4, 1, 2]
+
+
+def test_log_odds_separates_what_softmax_rounds_to_one():
+    from nrrdd.selection import log_odds
+
+    # class 1 against two zero logits: log(p / (1 - p)) = z - log(e^0 + e^0) = z - log 2
+    logits = torch.tensor([[0.0, 2.0, 0.0], [0.0, 20.0, 0.0], [0.0, 30.0, 0.0]])
+    assert torch.allclose(log_odds(logits, 1), torch.tensor([2 - math.log(2), 20 - math.log(2), 30 - math.log(2)]))
+    assert torch.allclose(torch.sigmoid(log_odds(logits, 1)), torch.softmax(logits, 1)[:, 1])
+    p = torch.softmax(logits, 1)[1:, 1]
+    assert p[0] == p[1] == 1.0  # float32 cannot tell these two apart by p, nor by cross-entropy
+    assert log_odds(logits, 1)[2] > log_odds(logits, 1)[1]
+    assert torch.allclose(log_odds(torch.tensor([[1.0, 0.0]]), 0), torch.tensor([1.0]))  # two classes: the gap
 
 
 def _every_candidate(digits, teacher):

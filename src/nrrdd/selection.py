@@ -94,12 +94,18 @@ def confidence_pick(conf: torch.Tensor, k: int, rule: str) -> torch.Tensor:
 FEATURE_PICKS = {"diverse": cluster_pick, "herding": lambda feats, conf, k, gen: herding_pick(feats, k)}
 
 
+def log_odds(logits: torch.Tensor, c: int) -> torch.Tensor:
+    """log(p / (1 - p)) of class c under softmax(logits): its logit minus the logsumexp of the others. It ranks
+    as p and -CE do, but where p rounds to 1 in float32 (and CE to 0) it still tells confident items apart, so
+    which of them is kept no longer turns on the last bit of the teacher's output on one CPU or another."""
+    others = torch.cat([logits[:, :c], logits[:, c + 1:]], 1)
+    return logits[:, c] - torch.logsumexp(others, 1)
+
+
 @torch.no_grad()
-def teacher_ce(teacher: Net, x: torch.Tensor, c: int) -> torch.Tensor:
+def teacher_log_odds(teacher: Net, x: torch.Tensor, c: int) -> torch.Tensor:
     batch_size = batch_size_for(x, 500)
-    out = [F.cross_entropy(teacher(x[i:i + batch_size]), torch.full((len(x[i:i + batch_size]),), c, device=x.device),
-                           reduction="none") for i in range(0, len(x), batch_size)]
-    return torch.cat(out)
+    return torch.cat([log_odds(teacher(x[i:i + batch_size]), c) for i in range(0, len(x), batch_size)])
 
 
 def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig, device) -> tuple[torch.Tensor, dict]:
@@ -115,7 +121,7 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
     boxes = random_square_boxes(n * k, h, w, (cfg.crop_scale_min, 1.0), gen)
     owner = torch.arange(n).repeat_interleave(k)
     if cfg.crop_score == "ce":
-        score = -teacher_ce(teacher, crop_resize(x, boxes, h, owner), c).cpu()
+        score = teacher_log_odds(teacher, crop_resize(x, boxes, h, owner), c).cpu()  # ranks as -CE does
     else:
         cam = class_activation_maps(teacher, x, torch.full((n,), c)).cpu()
         mass = box_mass(cam, boxes, owner)
@@ -128,14 +134,15 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
         b = batch_size_for(patches, 500)
         with torch.no_grad():
             feats = torch.cat([teacher.embed(teacher.features(patches[i:i + b])) for i in range(0, len(patches), b)])
-            conf = F.softmax(teacher.classifier(feats), 1)[:, c].cpu()
+            conf = log_odds(teacher.classifier(feats), c).cpu()
         order = FEATURE_PICKS[cfg.select](feats.cpu(), conf, need, gen)
     else:
-        conf = torch.exp(-teacher_ce(teacher, patches, c)).cpu()  # softmax probability of class c
+        conf = teacher_log_odds(teacher, patches, c).cpu()
         order = confidence_pick(conf, need, cfg.select)
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),
-        "confidence": [round(v, 5) for v in conf[order].tolist()]}
+        "confidence": [round(v, 5) for v in torch.sigmoid(conf[order]).tolist()],
+        "log_odds": [round(v, 3) for v in conf[order].tolist()]}
 
 
 def initial_images(teacher: Net, train: Split, num_classes: int, cfg: SynthConfig, device,
