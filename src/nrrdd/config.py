@@ -209,8 +209,8 @@ PRESETS: dict[str, dict] = {
     "nrrdd-lr": {"alpha_lr": 0.1},  # the least harmful non-zero label-refinement weight on validation
     "cidd": {"refine": "none"},
     # Beyond the paper: under a student that crops (crop-2000) the selection need not zoom, so keep the teacher's
-    # most confident pool images whole. The best validated at CIFAR-10 IPC 10 (benchmarks/results/
-    # screen_cifar10_ipc10.md); at CIFAR-100 IPC 1 below cidd on seed 0.
+    # most confident pool images whole. The best validated at CIFAR-10 IPC 10 under crop-2000 (+0.9 over random
+    # real images, 3 seeds; benchmarks/results/screen_cifar10_ipc10.md); level with cidd at CIFAR-100 IPC 1.
     "cidd-whole": {"refine": "none", "crop_scale_min": 1.0, "crops_per_image": 1},
     "rded": {"crop_score": "ce", "select": "highest", "refine": "none"},
     "sre2l": {"init": "noise", "refine": "all", "lr": 0.25, "iterations": 1000, "alpha_bn": 0.01,

@@ -96,8 +96,9 @@ FEATURE_PICKS = {"diverse": cluster_pick, "herding": lambda feats, conf, k, gen:
 
 def log_odds(logits: torch.Tensor, c: int) -> torch.Tensor:
     """log(p / (1 - p)) of class c under softmax(logits): its logit minus the logsumexp of the others. It ranks
-    as p and -CE do, but where p rounds to 1 in float32 (and CE to 0) it still tells confident items apart, so
-    which of them is kept no longer turns on the last bit of the teacher's output on one CPU or another."""
+    as p and -CE do, but near p = 1 float32 holds p (and CE near 0) only in steps of about 1e-7, so confident
+    items tie there, and which of them comes first turned on the last bit of the teacher's output on one CPU or
+    another; log-odds still tells them apart."""
     others = torch.cat([logits[:, :c], logits[:, c + 1:]], 1)
     return logits[:, c] - torch.logsumexp(others, 1)
 
