@@ -138,7 +138,8 @@ def select_patches(teacher: Net, images: torch.Tensor, c: int, cfg: SynthConfig,
             conf = log_odds(teacher.classifier(feats), c).cpu()
         order = FEATURE_PICKS[cfg.select](feats.cpu(), conf, need, gen)
     else:
-        conf = teacher_log_odds(teacher, patches, c).cpu()
+        # rded's crop score is already the teacher's log-odds of every crop: no second pass over the kept ones
+        conf = score[keep] if cfg.crop_score == "ce" else teacher_log_odds(teacher, patches, c).cpu()
         order = confidence_pick(conf, need, cfg.select)
     return patches[order.to(patches.device)], {
         "source_index": pool_idx[owner[keep][order]].tolist(), "boxes": boxes[keep][order].tolist(),
