@@ -108,7 +108,8 @@ def shared(trials: list[dict]) -> str:
             f"{values(lambda t: t['config'].get('label_mode'))} "
             f"(T = {values(lambda t: t['config'].get('temperature'))}) "
             f"from teacher `{values(lambda t: Path(t['teacher']).name)}`; each row's seeds are its own, and the gain "
-            f"over random is taken on the seeds both rows trained. Wall times are per record, of one thread beside "
+            f"over random is taken on the seeds both rows trained, against random real images of the same synthesis "
+            f"seed where that row exists (they are the first images of the pool that seed draws). Wall times are per record, of one thread beside "
             f"another job; a record joined from parts (seeds trained side by side or in separate runs) sums its "
             f"parts' times, so it reads as one-thread seconds for all its students, not as elapsed time.")
 
@@ -124,12 +125,22 @@ def evaluation_records(folders: list[str]) -> list[dict]:
     return records
 
 
-def random_rows(rows: list[dict], key=recipe_of) -> dict:
-    """The random-real-images row of each key (by default each recipe), the baseline of every row with that key:
-    the preset's own draw (another synthesis seed is a variant, not the baseline), of the most seeds."""
+def draw_of(r: dict) -> int:
+    """The synthesis seed of a record's set. Random real images of seed s are the first images of the candidate
+    pool that a selection of seed s draws, so a selection is compared with the random images of its own draw."""
+    return (r.get("distilled_config") or {}).get("seed", 0)
+
+
+def recipe_and_draw(r: dict) -> tuple:
+    return recipe_of(r), draw_of(r)
+
+
+def random_rows(rows: list[dict], key=recipe_and_draw) -> dict:
+    """The random-real-images row of each key (by default each recipe and draw), the baseline of every row with
+    that key: random real images as the preset makes them but for the synthesis seed, of the most seeds."""
     found: dict = {}
     for r in rows:
-        if r.get("preset") == "random" and not synthesis_of(r):
+        if r.get("preset") == "random" and set(synthesis_changes(r)) <= {"synthesis seed"}:
             k = key(r)
             if k not in found or len(r["seeds"]) > len(found[k]["seeds"]):
                 found[k] = r
@@ -155,7 +166,7 @@ def write_summary(folder: Path, note: str = "") -> None:
     lines = ["| recipe | preset | seeds | val top-1 | val, seed 0 | gain over random (val, same seeds) | test top-1 "
              "| wall (s) | file |", "|" + "---|" * 9]
     for t in sorted(trials, key=lambda t: (recipe_of(t), t.get("preset") != "random", t.get("preset"))):
-        base = random.get(recipe_of(t))
+        base = random.get(recipe_and_draw(t)) or random.get((recipe_of(t), 0))
         gain = "—" if base is None or base is t else f"{matched_difference(t, base, 'val_acc'):+.2f}"
         seed0 = next((f"{r['val_acc']:.2f}" for r in t["per_seed"] if r["seed"] == 0), "–")
         preset = t.get("preset") + (f" ({synthesis_of(t)})" if synthesis_of(t) else "")

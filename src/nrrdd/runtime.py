@@ -150,5 +150,7 @@ def provenance() -> dict:
         "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
         "python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "numpy": np.__version__, "machine": platform.node(), "processor": platform.machine(),
+        # the SIMD kernels torch picked (AVX2, AVX512...): gradient-based refinement can round differently across them
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()}",
     }
