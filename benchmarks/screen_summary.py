@@ -109,8 +109,8 @@ def shared(trials: list[dict]) -> str:
             f"(T = {values(lambda t: t['config'].get('temperature'))}) "
             f"from teacher `{values(lambda t: Path(t['teacher']).name)}`; each row's seeds are its own, and the gain "
             f"over random is taken on the seeds both rows trained, against random real images of the same synthesis "
-            f"seed where that row exists (they are the first images of the pool that seed draws). Wall times are per record, of one thread beside "
-            f"another job; a record joined from parts (seeds trained side by side or in separate runs) sums its "
+            f"seed where that row exists (they are the first images of the pool that seed draws). Wall times are "
+            f"per record, of one thread beside another job; a record joined from parts (seeds trained side by side or in separate runs) sums its "
             f"parts' times, so it reads as one-thread seconds for all its students, not as elapsed time.")
 
 
@@ -126,9 +126,9 @@ def evaluation_records(folders: list[str]) -> list[dict]:
 
 
 def draw_of(r: dict) -> int:
-    """The synthesis seed of a record's set. Random real images of seed s are the first images of the candidate
-    pool that a selection of seed s draws, so a selection is compared with the random images of its own draw."""
-    return (r.get("distilled_config") or {}).get("seed", 0)
+    """The synthesis seed of a record's set (the presets' is 0). Random real images of seed s are the first images
+    of the candidate pool that a selection of seed s draws, so a selection is compared with those of its draw."""
+    return synthesis_changes(r).get("synthesis seed", 0)
 
 
 def recipe_and_draw(r: dict) -> tuple:
